@@ -1,0 +1,1 @@
+"""Data for training: tokenizers, datasets and samplers."""

@@ -1,0 +1,160 @@
+"""Megatron's (distributed) optimizer behind Lightning's optimizer API.
+
+``configure_optimizers`` returns what Lightning users already write: a ``torch.optim.AdamW`` (or
+``Adam``/``SGD``), optionally with any torch LR scheduler, or a Megatron ``OptimizerConfig``. The
+strategy reads the hyperparameters, builds Megatron-Core's optimizer over the model chunks, and
+hands Lightning a :class:`MegatronOptimizer` whose ``param_groups`` *are* the user optimizer's
+groups: schedulers and ``LearningRateMonitor`` keep working on them, and every step copies the
+current ``lr``/``weight_decay`` into Megatron's own groups (times their ``lr_mult``/``wd_mult``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def optimizer_config_from(optimizer: torch.optim.Optimizer | OptimizerConfig) -> OptimizerConfig:
+    """Megatron ``OptimizerConfig`` carrying a torch optimizer's hyperparameters."""
+    if isinstance(optimizer, OptimizerConfig):
+        return optimizer
+    groups = optimizer.param_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"{type(optimizer).__name__} has {len(groups)} parameter groups; MegatronStrategy "
+            "carries over one group (Megatron makes its own weight-decay groups). Return a single "
+            "group, or a megatron.core.optimizer.OptimizerConfig"
+        )
+    group = groups[0]
+    if isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
+        if type(optimizer) is torch.optim.Adam and group["weight_decay"]:
+            raise ValueError(
+                "torch.optim.Adam with weight_decay uses L2 regularization, but Megatron's Adam "
+                "decays weights decoupled (AdamW); use torch.optim.AdamW instead"
+            )
+        beta1, beta2 = group["betas"]
+        return OptimizerConfig(
+            optimizer="adam",
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            adam_beta1=beta1,
+            adam_beta2=beta2,
+            adam_eps=group["eps"],
+        )
+    if isinstance(optimizer, torch.optim.SGD):
+        if group.get("nesterov") or group.get("dampening"):
+            raise ValueError("Megatron's SGD has no nesterov/dampening; set them to False/0")
+        return OptimizerConfig(
+            optimizer="sgd",
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            sgd_momentum=group["momentum"],
+        )
+    raise TypeError(
+        f"MegatronStrategy builds Megatron-Core's optimizer and can carry over torch.optim.AdamW, "
+        f"Adam and SGD, not {type(optimizer).__name__}; return one of those or a "
+        "megatron.core.optimizer.OptimizerConfig from configure_optimizers"
+    )
+
+
+def build_megatron_optimizer(
+    config: OptimizerConfig,
+    chunks: Sequence[torch.nn.Module],
+    **overrides: Any,
+):
+    """Megatron-Core's optimizer over the (DDP-wrapped) model chunks."""
+    return get_megatron_optimizer(replace(config, **overrides), list(chunks))
+
+
+class MegatronOptimizer(torch.optim.Optimizer):
+    """Lightning-facing view of a Megatron-Core optimizer.
+
+    ``step()`` runs Megatron's step (gradient unscale, inf/nan check and skip, clipping, grad norm,
+    the distributed-optimizer all-gather). The last grad norm and whether the step was skipped are
+    kept on ``last_grad_norm`` / ``last_step_skipped``.
+    """
+
+    def __init__(self, megatron_optimizer, param_groups: list[dict[str, Any]]) -> None:
+        # torch.optim.Optimizer.__init__ wants parameters to own; this object owns none, so only
+        # the attributes schedulers and Lightning read are set.
+        self.megatron = megatron_optimizer
+        self.param_groups = param_groups
+        self.defaults = {k: v for k, v in param_groups[0].items() if k != "params"}
+        self.state: dict[Any, Any] = {}
+        self._optimizer_step_pre_hooks: dict[int, Callable] = {}
+        self._optimizer_step_post_hooks: dict[int, Callable] = {}
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = {}
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = {}
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = {}
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = {}
+        self.last_grad_norm: float | None = None
+        self.last_step_skipped = False
+
+    def _sync_hyperparameters(self) -> None:
+        lr = self.param_groups[0]["lr"]
+        weight_decay = self.param_groups[0].get("weight_decay", 0.0)
+        for group in self.megatron.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_hyperparameters()
+        success, grad_norm, _ = self.megatron.step()
+        self.last_step_skipped = not success
+        self.last_grad_norm = None if grad_norm is None else float(grad_norm)
+        self._opt_called = True  # read by torch LR schedulers' "step order" check
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Lightning calls zero_grad *between* training_step and backward; with Megatron the
+        # backward already ran inside training_step, so the strategy zeroes the gradient buffers
+        # itself at the start of each step instead.
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.megatron.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.megatron.load_state_dict(state_dict)
+
+
+def warmup_decay_lr(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    decay: Literal["cosine", "linear", "constant"] = "cosine",
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Linear warmup to the optimizer's lr, then cosine/linear decay to ``min_lr_ratio * lr``.
+
+    Example::
+
+        scheduler = warmup_decay_lr(optimizer, warmup_steps=100, total_steps=10_000)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    """
+    if decay not in ("cosine", "linear", "constant"):
+        raise ValueError(f"decay={decay!r}; choose 'cosine', 'linear' or 'constant'")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and total_steps={total_steps} >= 1")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+        return min_lr_ratio + (1 - min_lr_ratio) * shape
+
+    return LambdaLR(optimizer, factor)

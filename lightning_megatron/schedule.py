@@ -1,0 +1,131 @@
+"""One optimizer step's worth of microbatches through Megatron-Core's pipeline schedule.
+
+``forward_backward`` is where the schedule is called: it splits the data-parallel-local batch into
+microbatches, runs ``get_forward_backward_func()`` (no pipelining, 1F1B, or interleaved 1F1B when
+the model has several virtual-pipeline chunks) and reduces the per-microbatch loss sums into one
+token-weighted mean that is the same on every rank and under every parallel layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+# forward_step(data_iterator, model_chunk) -> (output_tensor, loss_func), Megatron's contract.
+ForwardStep = Callable[[Iterator[dict[str, Tensor]], torch.nn.Module], tuple[Tensor, Callable]]
+
+
+def split_microbatches(batch: dict[str, Any], micro_batch_size: int) -> list[dict[str, Any]]:
+    """Split a dict of ``[batch, ...]`` tensors into microbatches of ``micro_batch_size`` rows."""
+    sizes = {k: v.shape[0] for k, v in batch.items() if isinstance(v, Tensor)}
+    if not sizes:
+        raise ValueError(f"batch has no tensors to split; keys: {sorted(batch)}")
+    batch_size = next(iter(sizes.values()))
+    if any(size != batch_size for size in sizes.values()):
+        raise ValueError(f"batch tensors disagree on the batch dimension: {sizes}")
+    if batch_size % micro_batch_size:
+        raise ValueError(
+            f"the DataLoader batch size {batch_size} is not a multiple of micro_batch_size="
+            f"{micro_batch_size}; make the batch size a multiple of it (drop_last=True helps)"
+        )
+    return [
+        {k: v[i : i + micro_batch_size] if isinstance(v, Tensor) else v for k, v in batch.items()}
+        for i in range(0, batch_size, micro_batch_size)
+    ]
+
+
+def forward_backward(
+    forward_step: ForwardStep,
+    chunks: Sequence[torch.nn.Module],
+    batch: dict[str, Any],
+    micro_batch_size: int,
+    forward_only: bool,
+) -> dict[str, Tensor]:
+    """Run every microbatch of ``batch`` (forward, and backward unless ``forward_only``).
+
+    Returns the reduced metrics: ``loss`` (token-weighted mean over the global batch) and
+    ``num_tokens``, plus any extra sums the loss function reported, on every rank.
+    """
+    microbatches = split_microbatches(batch, micro_batch_size)
+    seq_length = batch["input_ids"].shape[1]
+    # Interleaved schedules pull from one iterator per virtual stage.
+    data: Any = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=list(chunks) if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return reduce_loss(outputs, device=batch["input_ids"].device)
+
+
+def reduce_loss(outputs: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor]:
+    """Token-weighted mean loss over microbatches and the data-parallel group, on every rank.
+
+    Each microbatch reports ``{"loss": tensor([loss_sum, num_tokens])}`` (last pipeline stage only);
+    the sums are added over microbatches and data-parallel (and context-parallel) ranks, then
+    broadcast from the last pipeline stage so every rank logs the same number.
+    """
+    totals = torch.zeros(2, dtype=torch.float32, device=device)
+    for output in outputs:
+        totals += output["loss"].float()
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+    torch.distributed.broadcast(
+        totals,
+        src=ps.get_pipeline_model_parallel_last_rank(),
+        group=ps.get_pipeline_model_parallel_group(),
+    )
+    loss_sum, num_tokens = totals
+    return {"loss": loss_sum / num_tokens.clamp(min=1), "num_tokens": num_tokens}
+
+
+def forward_logits(chunks: Sequence[torch.nn.Module], batch: dict[str, Any], micro_batch_size: int) -> Tensor:
+    """Forward-only pass returning full-vocabulary logits ``[b, s, vocab]`` on every rank."""
+    from megatron.core import tensor_parallel
+
+    def step(data_iterator, chunk):
+        micro = next(data_iterator)
+        ids = micro["input_ids"]
+        positions = micro.get("position_ids")
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        output = chunk(ids, positions, None)
+
+        def gather(logits, non_loss_data=False):
+            return tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
+
+        return output, gather
+
+    microbatches = split_microbatches(batch, micro_batch_size)
+    seq_length = batch["input_ids"].shape[1]
+    data: Any = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    pieces = get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=data,
+        model=list(chunks) if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
+    # Only the last stage has logits; it tells the others the vocabulary width, then sends them.
+    device = batch["input_ids"].device
+    width = torch.tensor([pieces[0].shape[-1] if pieces else 0], device=device)
+    src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+    torch.distributed.broadcast(width, src=src, group=group)
+    if pieces:
+        logits = torch.cat(list(pieces), dim=0).contiguous()
+    else:
+        logits = torch.empty(batch["input_ids"].shape + (int(width.item()),), device=device)
+    torch.distributed.broadcast(logits, src=src, group=group)
+    return logits

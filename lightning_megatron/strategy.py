@@ -1,0 +1,358 @@
+"""MegatronStrategy: Megatron-Core parallelism inside an ordinary Lightning Trainer.
+
+The setup reads as a recipe (each step a named method):
+
+1. ``setup_environment``: precision plugin -> (CPU mode) -> process group -> Megatron parallel
+   state -> model-parallel RNG.
+2. Lightning calls the module's ``configure_model``: it builds this rank's Megatron model chunks.
+3. ``setup``: move to device -> 16-bit wrapper -> Megatron DDP -> Megatron optimizer -> schedule hooks.
+4. Each training step: the module's ``training_step`` calls :meth:`forward_backward`, which runs
+   Megatron's pipeline schedule over all microbatches (forward *and* backward); Lightning's own
+   backward is then a no-op and ``optimizer_step`` runs Megatron's optimizer.
+5. ``teardown``: unwrap the chunks, destroy the parallel state (a second ``fit`` starts clean).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt, _validate_scheduler_api
+from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.transformer.module import Float16Module
+from torch import Tensor
+
+from lightning_megatron import schedule
+from lightning_megatron.cpu import cpu_mode
+from lightning_megatron.models.config import RecomputeConfig
+from lightning_megatron.models.specs import te_available
+from lightning_megatron.optim import MegatronOptimizer, build_megatron_optimizer, optimizer_config_from
+from lightning_megatron.parallel import ParallelConfig
+from lightning_megatron.precision import MegatronPrecision
+
+
+class MegatronStrategy(DDPStrategy):
+    """Train with Megatron-Core tensor, pipeline, context, expert, sequence and data parallelism.
+
+    Args:
+        tp, pp, vpp, cp, ep, etp, sp, micro_batch_size: the parallel layout (see
+            :class:`~lightning_megatron.ParallelConfig`). The DataLoader's batch size is the
+            data-parallel-local batch; it is split into ``micro_batch_size`` microbatches.
+        use_distributed_optimizer: shard optimizer state over data-parallel ranks (ZeRO-1).
+        overlap_grad_reduce, overlap_param_gather: overlap gradient reduce-scatter / parameter
+            all-gather with compute (Megatron DDP).
+        recompute: activation recompute, e.g. ``RecomputeConfig("full", "uniform", 1)``.
+        fp8: ``"hybrid"`` or ``"e4m3"`` FP8 training; needs Transformer Engine.
+        use_te: use Transformer Engine layers; default: when importable and on GPU.
+        seed: model-parallel RNG seed (dropout); default: ``seed_everything``'s seed or 1234.
+        ddp_config: extra ``DistributedDataParallelConfig`` fields.
+        start_method: ``"popen"`` (re-run the script, Lightning's default), ``"spawn"`` or
+            ``"fork"`` (notebooks).
+
+    Example::
+
+        trainer = L.Trainer(strategy=MegatronStrategy(tp=2, pp=2), devices=4, precision="bf16-mixed")
+    """
+
+    strategy_name = "megatron"
+
+    def __init__(
+        self,
+        tp: int = 1,
+        pp: int = 1,
+        vpp: int | None = None,
+        cp: int = 1,
+        ep: int = 1,
+        etp: int | None = None,
+        sp: bool = False,
+        micro_batch_size: int = 1,
+        use_distributed_optimizer: bool = True,
+        overlap_grad_reduce: bool = False,
+        overlap_param_gather: bool = False,
+        recompute: RecomputeConfig | None = None,
+        fp8: Literal["hybrid", "e4m3"] | None = None,
+        use_te: bool | None = None,
+        seed: int | None = None,
+        ddp_config: dict[str, Any] | None = None,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            start_method=start_method, process_group_backend=process_group_backend, timeout=timeout, **kwargs
+        )
+        self.parallel = ParallelConfig(tp, pp, vpp, cp, ep, etp, sp, micro_batch_size)
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self.overlap_param_gather = overlap_param_gather
+        self.recompute = recompute or RecomputeConfig()
+        self.fp8 = fp8
+        self._use_te = use_te
+        self.seed = seed
+        self.ddp_config_overrides = dict(ddp_config or {})
+        self._cpu_mode: contextlib.AbstractContextManager | None = None
+        self._bare_chunks: list[torch.nn.Module] | None = None
+        if fp8 is not None and not te_available():
+            raise ValueError(
+                f"fp8={fp8!r} needs Transformer Engine, which is not importable; install it "
+                "(pip install 'lightning-megatron[te]') or set fp8=None"
+            )
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def use_te(self) -> bool:
+        on_gpu = self.root_device.type == "cuda"
+        if self._use_te is None:
+            return on_gpu and te_available()
+        if self._use_te and not (on_gpu and te_available()):
+            raise ValueError("use_te=True needs Transformer Engine and a GPU; set use_te=None")
+        return self._use_te
+
+    @property
+    def precision(self) -> MegatronPrecision:
+        plugin = self.precision_plugin
+        assert isinstance(plugin, MegatronPrecision), "setup_environment() sets the precision plugin"
+        return plugin
+
+    @property
+    def chunks(self) -> list[torch.nn.Module]:
+        """This rank's model chunks as the schedule sees them (wrapped after ``setup``)."""
+        chunks = getattr(self.lightning_module, "chunks", None)
+        if chunks is None:
+            raise RuntimeError(
+                "the LightningModule has no `chunks`; build the Megatron model(s) in "
+                "configure_model() and store them as self.chunks (a ModuleList, one per virtual stage)"
+            )
+        return list(chunks)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Tensor/pipeline/context-parallel peers of one data-parallel rank read the same samples.
+        return {"num_replicas": ps.get_data_parallel_world_size(), "rank": ps.get_data_parallel_rank()}
+
+    def layout_key(self) -> tuple:
+        return (self.world_size, self.parallel, self.precision.precision, self.use_te)
+
+    def transformer_config_kwargs(self) -> dict[str, Any]:
+        """Layout, precision, recompute and fp8 fields for the model's ``TransformerConfig``."""
+        p = self.parallel
+        values: dict[str, Any] = dict(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+            context_parallel_size=p.cp,
+            expert_model_parallel_size=p.ep,
+            expert_tensor_parallel_size=p.expert_tp,
+            sequence_parallel=p.sp,
+            **self.precision.transformer_config_kwargs(),
+            **self.recompute.to_megatron(),
+        )
+        if self.fp8:
+            values.update(fp8=self.fp8)
+        return values
+
+    # ------------------------------------------------------------------------ setup recipe
+    def setup_environment(self) -> None:
+        self._use_megatron_precision()
+        if self.root_device.type == "cpu":
+            self._cpu_mode = cpu_mode()
+            self._cpu_mode.__enter__()
+        super().setup_environment()  # sets the device and creates the default process group
+        self.parallel.validate(self.world_size)
+        self._init_parallel_state()
+
+    def _use_megatron_precision(self) -> None:
+        plugin = self.precision_plugin
+        if not isinstance(plugin, MegatronPrecision):
+            self.precision_plugin = MegatronPrecision(getattr(plugin, "precision", "32-true"))
+
+    def _init_parallel_state(self) -> None:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        p = self.parallel
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+            context_parallel_size=p.cp,
+            expert_model_parallel_size=p.ep,
+            expert_tensor_parallel_size=p.expert_tp,
+        )
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 1234))
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+    def setup(self, trainer: L.Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: MegatronStrategy "
+                "accumulates over microbatches itself; set accumulate_grad_batches=1 and make the "
+                "DataLoader batch size micro_batch_size * (number of microbatches)"
+            )
+        if trainer.gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(
+                f"gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}: Megatron clips by "
+                "global norm only; use gradient_clip_algorithm='norm'"
+            )
+        module = self.lightning_module
+        self._bare_chunks = self.chunks
+        self.model_to_device()
+        chunks = self._wrap_precision(self.chunks)
+        if trainer.state.fn == TrainerFn.FITTING:
+            chunks = self._wrap_ddp(chunks)
+            module.chunks = torch.nn.ModuleList(chunks)
+            self.setup_optimizers(trainer)
+            self._connect_schedule_hooks(chunks)
+        else:
+            module.chunks = torch.nn.ModuleList(chunks)
+        self.setup_precision_plugin()
+
+    def _wrap_precision(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        if self.precision.params_dtype == torch.float32:
+            return chunks
+        # Casts parameters to 16 bits; casts the last stage's output back to fp32.
+        return [Float16Module(chunk.config, chunk) for chunk in chunks]
+
+    def _ddp_config(self) -> DistributedDataParallelConfig:
+        values = dict(
+            grad_reduce_in_fp32=self.precision.grad_reduce_in_fp32,
+            overlap_grad_reduce=self.overlap_grad_reduce,
+            overlap_param_gather=self.overlap_param_gather,
+            use_distributed_optimizer=self.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        values.update(self.ddp_config_overrides)
+        return DistributedDataParallelConfig(**values)
+
+    def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        ddp_config = self._ddp_config()
+        return [
+            DistributedDataParallel(
+                config=chunk.config,
+                ddp_config=ddp_config,
+                module=chunk,
+                # Only the first chunk's buckets start reducing early (as in Megatron-LM).
+                disable_bucketing=index > 0,
+            )
+            for index, chunk in enumerate(chunks)
+        ]
+
+    def setup_optimizers(self, trainer: L.Trainer) -> None:
+        """Build Megatron's optimizer from what ``configure_optimizers`` returned."""
+        module = self.lightning_module
+        returned = module.configure_optimizers()
+        megatron_config, lr_scheduler = _split_megatron_config(returned)
+        if megatron_config is None:
+            optimizers, schedulers, monitor = _configure_optimizers(returned)
+            if len(optimizers) != 1:
+                raise ValueError(
+                    f"configure_optimizers returned {len(optimizers)} optimizers; MegatronStrategy "
+                    "drives exactly one (Megatron's optimizer over all model chunks)"
+                )
+            user_optimizer = optimizers[0]
+            megatron_config = optimizer_config_from(user_optimizer)
+            param_groups = user_optimizer.param_groups
+        else:
+            user_optimizer, schedulers, monitor = None, [lr_scheduler] if lr_scheduler else [], None
+            param_groups = [dict(lr=megatron_config.lr, weight_decay=megatron_config.weight_decay, params=[])]
+        clip = trainer.gradient_clip_val
+        overrides = dict(
+            use_distributed_optimizer=self.use_distributed_optimizer,
+            clip_grad=float(clip) if clip else (megatron_config.clip_grad if user_optimizer is None else 0.0),
+            **self.precision.optimizer_kwargs(),
+        )
+        megatron_optimizer = build_megatron_optimizer(megatron_config, self.chunks, **overrides)
+        optimizer = MegatronOptimizer(megatron_optimizer, param_groups)
+        if callable(lr_scheduler) and user_optimizer is None:
+            schedulers = [lr_scheduler(optimizer)]
+        configs = _configure_schedulers_automatic_opt(schedulers, monitor)
+        for config in configs:
+            # Schedulers were built on the user's torch optimizer; they now drive the same
+            # param_groups through the Megatron-backed one.
+            config.scheduler.optimizer = optimizer
+        _validate_scheduler_api(configs, module)
+        self.optimizers = [optimizer]
+        self.lr_scheduler_configs = configs
+
+    def _connect_schedule_hooks(self, chunks: list[torch.nn.Module]) -> None:
+        config = chunks[0].config
+        optimizer = self.optimizers[0].megatron
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        if self.overlap_grad_reduce:
+            no_sync = [chunk.no_sync for chunk in chunks]
+            config.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
+        if self.overlap_param_gather:
+            param_sync = [chunk.start_param_sync for chunk in chunks]
+            config.param_sync_func = param_sync[0] if len(chunks) == 1 else param_sync
+
+    # ------------------------------------------------------------------------------ stepping
+    def forward_backward(self, batch: dict[str, Any], forward_only: bool = False) -> dict[str, Tensor]:
+        """Run all microbatches of ``batch`` through Megatron's schedule; return reduced metrics."""
+        self.parallel.validate_sequence(batch["input_ids"].shape[1])
+        chunks = self.chunks
+        if not forward_only:
+            for chunk in chunks:
+                chunk.zero_grad_buffer()
+            self.optimizers[0].megatron.zero_grad()
+        return schedule.forward_backward(
+            self.lightning_module.forward_step,
+            chunks,
+            batch,
+            self.parallel.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def forward_logits(self, batch: dict[str, Any]) -> Tensor:
+        """Full-vocabulary logits ``[b, s, vocab]`` on every rank (pipeline stages included)."""
+        return schedule.forward_logits(self.chunks, batch, self.parallel.micro_batch_size)
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        # Megatron's schedule already ran backward for every microbatch inside training_step;
+        # only the callback hooks are left to run.
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    # ------------------------------------------------------------------------------ teardown
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if module is not None and self._bare_chunks is not None:
+            module.chunks = torch.nn.ModuleList(self._bare_chunks)
+            self._bare_chunks = None
+        self.optimizers = []
+        self.lr_scheduler_configs = []
+        if _distributed_is_initialized() and ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        super().teardown()
+        if self._cpu_mode is not None:
+            self._cpu_mode.__exit__(None, None, None)
+            self._cpu_mode = None
+
+
+def _split_megatron_config(returned: Any) -> tuple[OptimizerConfig | None, Any]:
+    """Pick a Megatron ``OptimizerConfig`` (and an optional scheduler factory) out of
+    ``configure_optimizers``' return value; ``(None, None)`` for torch optimizers."""
+    if isinstance(returned, OptimizerConfig):
+        return returned, None
+    if isinstance(returned, dict) and isinstance(returned.get("optimizer"), OptimizerConfig):
+        scheduler = returned.get("lr_scheduler")
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(
+                "with a Megatron OptimizerConfig, 'lr_scheduler' must be a function "
+                "optimizer -> scheduler (the optimizer does not exist yet)"
+            )
+        return returned["optimizer"], scheduler
+    return None, None
