@@ -12,6 +12,10 @@ from lightning_megatron._version import check_megatron_core
 
 check_megatron_core()
 
+from lightning_megatron._compat import patch_megatron_core  # noqa: E402
+
+patch_megatron_core()
+
 from lightning_megatron.models.config import GPTConfig, RecomputeConfig  # noqa: E402
 from lightning_megatron.models.gpt import GPTModule  # noqa: E402
 from lightning_megatron.optim import warmup_decay_lr  # noqa: E402

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch._dynamo
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
@@ -69,7 +70,9 @@ class _NoStream:
         return None
 
     def __getattr__(self, name: str) -> Any:
-        return _noop
+        # wait_stream, record_event, synchronize, ...: nothing to wait for; return another
+        # stand-in so chains such as stream.record_event().synchronize() work.
+        return lambda *args, **kwargs: _NoStream()
 
     def query(self) -> bool:
         return True
@@ -78,30 +81,40 @@ class _NoStream:
         return 0.0
 
 
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
+def _host_copy(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    # mcore's MoE dispatcher copies split sizes to the host as numpy arrays, but only for CUDA
+    # tensors; CPU tensors would reach all_to_all_single as tensors, which it rejects.
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
 
 
-def _megatron_rng_patches() -> list[tuple[Any, str, Any]]:
-    # mcore's model-parallel RNG tracker swaps the *CUDA* generator state around dropout in
-    # tensor-parallel regions; on CPU the same dance has to happen on the CPU generator.
+def _megatron_patches() -> list[tuple[Any, str, Any]]:
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     return [
+        # The model-parallel RNG tracker swaps the *CUDA* generator state around dropout in
+        # tensor-parallel regions; on CPU the same dance happens on the CPU generator.
         (mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
         (mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        (token_dispatcher, "maybe_move_tensor_to_cpu", _host_copy),
     ]
 
 
 def _cuda_patches() -> list[tuple[Any, str, Any]]:
+    # Each stand-in is its own object: torch.compile's trace rules map torch.cuda attributes by
+    # identity and refuse one object registered under two names.
     cuda = torch.cuda
     return [
-        (cuda, "current_device", lambda: 0),
-        (cuda, "set_device", _noop),
-        (cuda, "synchronize", _noop),
-        (cuda, "empty_cache", _noop),
-        (cuda, "Stream", _NoStream),
-        (cuda, "Event", _NoStream),
+        # A device object, not the usual index: autograd runs backward outside torch-function
+        # modes, and mcore allocates there with device=torch.cuda.current_device().
+        (cuda, "current_device", lambda: _CPU),
+        (cuda, "set_device", lambda *a, **k: None),
+        (cuda, "synchronize", lambda *a, **k: None),
+        (cuda, "empty_cache", lambda *a, **k: None),
+        (cuda, "Stream", type("Stream", (_NoStream,), {})),
+        (cuda, "Event", type("Event", (_NoStream,), {})),
         (cuda, "stream", lambda *a, **k: contextlib.nullcontext()),
         (cuda, "current_stream", lambda *a, **k: _NoStream()),
         (cuda, "default_stream", lambda *a, **k: _NoStream()),
@@ -112,8 +125,11 @@ def _cuda_patches() -> list[tuple[Any, str, Any]]:
         (cuda, "max_memory_allocated", lambda *a, **k: 0),
         (cuda, "memory_reserved", lambda *a, **k: 0),
         (cuda, "memory_stats", lambda *a, **k: {}),
-        (cuda.nvtx, "range_push", _noop),
-        (cuda.nvtx, "range_pop", _noop),
+        (cuda.nvtx, "range_push", lambda *a, **k: None),
+        (cuda.nvtx, "range_pop", lambda *a, **k: None),
+        # mcore compiles a few small MoE helpers; on CPU that would need a C++ toolchain and
+        # minutes of compiling for kernels that take microseconds. Run them eagerly.
+        (torch._dynamo.config, "disable", True),
     ]
 
 
@@ -133,7 +149,7 @@ def cpu_mode() -> Iterator[None]:
         with cpu_mode():
             model = GPTModel(config, spec, vocab_size=128, max_sequence_length=64)
     """
-    patches = _cuda_patches() + _megatron_rng_patches()
+    patches = _cuda_patches() + _megatron_patches()
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     log_filter = _DropTrackerWarning()
     tracker_logger = logging.getLogger("megatron.core.tensor_parallel.random")

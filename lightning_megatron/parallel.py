@@ -98,6 +98,11 @@ class ParallelConfig:
                 f"{label}={stages} does not divide num_layers={config.num_layers}; "
                 f"choose pp*vpp in {_divisors(config.num_layers)}"
             )
+        if config.num_experts and self.tp > 1 and not self.sp:
+            raise ValueError(
+                f"an MoE model with tp={self.tp} needs sequence parallelism (Megatron-Core "
+                "requires it for MoE under tensor parallelism); set sp=True"
+            )
         if self.ep > 1 and not config.num_experts:
             raise ValueError(f"ep={self.ep} needs an MoE model (num_experts > 0); set ep=1")
 

@@ -160,6 +160,10 @@ class MegatronStrategy(DDPStrategy):
         )
         if self.fp8:
             values.update(fp8=self.fp8)
+        if self.root_device.type == "cpu":
+            # gloo has no real batched isend/irecv: under the interleaved schedule the batched
+            # sends of activations and gradients can pair up with the wrong receives.
+            values.update(batch_p2p_comm=False)
         return values
 
     # ------------------------------------------------------------------------ setup recipe

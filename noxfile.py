@@ -1,0 +1,33 @@
+"""`nox -s demo` runs the demo, `nox -s tests` the test suite, on a fresh machine.
+
+On machines without CUDA the CPU build of torch (2.13.0) is installed first, so nothing else
+resolves a multi-GB CUDA build.
+"""
+
+import shutil
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+CPU_TORCH = "torch==2.13.0"
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    if shutil.which("nvidia-smi") is None:
+        session.install(CPU_TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite: unit, multi-process (CPU/gloo) and parity tests; GPU tests skip without CUDA."""
+    _install(session, "test")
+    session.run("python", "-m", "pytest", "-q", "-ra", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Train a small model with TP=2 on the bundled corpus and print a generated sample."""
+    _install(session, "test")
+    session.run("python", "examples/demo.py", *session.posargs)

@@ -1,0 +1,99 @@
+"""Train the same tiny model under several parallel layouts, one after another, in one job.
+
+Each layout is a separate ``trainer.fit`` in the same processes (so this also exercises
+tearing down and re-creating Megatron's parallel state). Rank 0 writes, per layout, the loss and
+grad norm of every step to ``--out`` as JSON.
+
+    python tests/scripts/train_layouts.py --devices 2 --model dense --layouts tp2 pp2 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import warnings
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
+from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_corpus
+
+GLOBAL_BATCH = 8
+STEPS = 4
+MODELS = {
+    "dense": dict(family="qwen2", num_layers=4, hidden_size=64, num_attention_heads=4,
+                  num_query_groups=2, ffn_hidden_size=128, tie_word_embeddings=False),
+    "tied": dict(family="qwen3", num_layers=4, hidden_size=64, num_attention_heads=4, kv_channels=16,
+                 num_query_groups=2, ffn_hidden_size=128, tie_word_embeddings=True),
+    "moe": dict(family="qwen2_moe", num_layers=4, hidden_size=64, num_attention_heads=4,
+                num_query_groups=2, ffn_hidden_size=128, moe_ffn_hidden_size=32, num_experts=4,
+                moe_router_topk=2, moe_shared_expert_intermediate_size=64, moe_aux_loss_coeff=0.0),
+}
+
+
+def parse_layout(name: str, devices: int) -> dict:
+    """'tp2_pp2_vpp2_ep2_sp_mbs2' -> strategy kwargs; the rest of the world is data parallel."""
+    kwargs: dict = {"micro_batch_size": 1}
+    for part in name.split("_"):
+        if part == "sp":
+            kwargs["sp"] = True
+        elif part.startswith("mbs"):
+            kwargs["micro_batch_size"] = int(part[3:])
+        else:
+            key, value = re.fullmatch(r"([a-z]+)(\d+)", part).groups()
+            kwargs[key] = int(value)
+    return kwargs
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.grad_norms.append(trainer.strategy.optimizers[0].last_grad_norm)
+
+
+def train(model_name: str, layout: str, devices: int, precision: str) -> dict:
+    strategy_kwargs = parse_layout(layout, devices)
+    tokenizer = ByteTokenizer()
+    data = TokenBlocks.from_text(bundled_corpus()[:30000], tokenizer, 32)
+    values = dict(MODELS[model_name])
+    config = GPTConfig.preset(values.pop("family"), vocab_size=tokenizer.vocab_size, **values)
+    strategy = MegatronStrategy(**strategy_kwargs)
+    model_parallel = strategy.parallel.tp * strategy.parallel.pp * strategy.parallel.cp
+    dp = devices // model_parallel
+    loader = DataLoader(data, batch_size=GLOBAL_BATCH // dp, shuffle=False, drop_last=True)
+    record = Record()
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="cpu", devices=devices, precision=precision,
+        max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[record], limit_val_batches=0,
+    )
+    trainer.fit(GPTModule(config, lr=1e-2, warmup_steps=0, lr_decay="constant"), loader)
+    return {"loss": record.losses, "grad_norm": record.grad_norms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--model", choices=sorted(MODELS), required=True)
+    parser.add_argument("--layouts", nargs="+", required=True)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    results = {layout: train(args.model, layout, args.devices, args.precision) for layout in args.layouts}
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
