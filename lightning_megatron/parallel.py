@@ -93,9 +93,9 @@ class ParallelConfig:
                 )
         stages = self.pp * (self.vpp or 1)
         if config.num_layers % stages:
-            label = f"pp*vpp={self.pp}*{self.vpp}" if self.vpp else f"pp={self.pp}"
+            label = f"pp*vpp={self.pp}*{self.vpp}={stages}" if self.vpp else f"pp={self.pp}"
             raise ValueError(
-                f"{label}={stages} does not divide num_layers={config.num_layers}; "
+                f"{label} does not divide num_layers={config.num_layers}; "
                 f"choose pp*vpp in {_divisors(config.num_layers)}"
             )
         if config.num_experts and self.tp > 1 and not self.sp:

@@ -271,6 +271,11 @@ class MegatronStrategy(DDPStrategy):
         else:
             user_optimizer, schedulers, monitor = None, [lr_scheduler] if lr_scheduler else [], None
             param_groups = [dict(lr=megatron_config.lr, weight_decay=megatron_config.weight_decay, params=[])]
+        if megatron_config.optimizer != "adam" and self.use_distributed_optimizer:
+            raise ValueError(
+                f"Megatron's distributed optimizer supports Adam only, not {megatron_config.optimizer!r}; "
+                "use MegatronStrategy(use_distributed_optimizer=False) or an AdamW optimizer"
+            )
         clip = trainer.gradient_clip_val
         overrides = dict(
             use_distributed_optimizer=self.use_distributed_optimizer,

@@ -58,7 +58,7 @@ class Record(L.Callback):
         self.grad_norms.append(trainer.strategy.optimizers[0].last_grad_norm)
 
 
-def train(model_name: str, layout: str, devices: int, precision: str) -> dict:
+def train(model_name: str, layout: str, devices: int, precision: str, accelerator: str = "cpu") -> dict:
     strategy_kwargs = parse_layout(layout, devices)
     tokenizer = ByteTokenizer()
     data = TokenBlocks.from_text(bundled_corpus()[:30000], tokenizer, 32)
@@ -70,11 +70,11 @@ def train(model_name: str, layout: str, devices: int, precision: str) -> dict:
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // dp, shuffle=False, drop_last=True)
     record = Record()
     trainer = L.Trainer(
-        strategy=strategy, accelerator="cpu", devices=devices, precision=precision,
+        strategy=strategy, accelerator=accelerator, devices=devices, precision=precision,
         max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[record], limit_val_batches=0,
     )
-    trainer.fit(GPTModule(config, lr=1e-2, warmup_steps=0, lr_decay="constant"), loader)
+    trainer.fit(GPTModule(config, lr=5e-3, warmup_steps=0, lr_decay="constant"), loader)
     return {"loss": record.losses, "grad_norm": record.grad_norms}
 
 
@@ -84,11 +84,13 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
     parser.add_argument("--layouts", nargs="+", required=True)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    results = {layout: train(args.model, layout, args.devices, args.precision) for layout in args.layouts}
+    results = {layout: train(args.model, layout, args.devices, args.precision, args.accelerator)
+               for layout in args.layouts}
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     with open(args.out, "w") as f:

@@ -1,0 +1,57 @@
+"""GPU checks (skipped without CUDA): bf16 training of a ~1B model, and NCCL layouts vs one GPU."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
+from lightning_megatron.callbacks import ThroughputMonitor, model_flops_per_token
+from tests.conftest import train_layouts
+
+pytestmark = pytest.mark.gpu
+
+ONE_B = dict(vocab_size=32000, num_layers=16, hidden_size=2048, num_attention_heads=16,
+             num_query_groups=8, ffn_hidden_size=5632, tie_word_embeddings=False)
+
+
+def test_bf16_one_billion_tp1_trains():
+    seq, global_batch, steps = 2048, 8, 12
+    torch.manual_seed(0)
+    rows = torch.randint(0, 32000, (global_batch * steps, seq))
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    monitor = ThroughputMonitor(window=4)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    config = GPTConfig.preset("llama", **ONE_B)
+    model = GPTModule(config, lr=3e-4)
+    trainer = L.Trainer(strategy=MegatronStrategy(micro_batch_size=2), accelerator="gpu", devices=1,
+                        precision="bf16-mixed", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[monitor, Record()])
+    start = time.perf_counter()
+    trainer.fit(model, DataLoader(data, batch_size=global_batch))
+    params = sum(p.numel() for p in model.parameters())
+    last = monitor.history[-1]
+    print(f"\n1B bf16 TP1: params={params / 1e9:.2f}B losses={[round(x, 3) for x in losses]} "
+          f"tokens/s={last['perf/tokens_per_sec']:.0f} TFLOP/s={last['perf/tflops_per_device']:.0f} "
+          f"MFU={last.get('perf/mfu', float('nan')):.3f} peak={last['perf/peak_memory_gib']:.1f}GiB "
+          f"wall={time.perf_counter() - start:.0f}s flops/token={model_flops_per_token(config, seq):.3g}")
+    assert 0.8e9 < params < 1.2e9
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_nccl_tp2_and_pp2_match_one_gpu(tmp_path):
+    one = train_layouts(tmp_path, 1, "dense", ["tp1"], accelerator="gpu")
+    two = train_layouts(tmp_path, 2, "dense", ["tp2", "pp2"], accelerator="gpu")
+    for layout, run in two.items():
+        print(f"\n{layout}: {run['loss']} vs {one['tp1']['loss']}")
+        assert run["loss"] == pytest.approx(one["tp1"]["loss"], abs=1e-4)
