@@ -166,7 +166,7 @@ class GPTConfig:
                           moe_ffn_hidden_size=hf["intermediate_size"])
         if model_type in ("qwen2_moe", "qwen3_moe"):
             values.update(
-                num_experts=hf["num_experts"],
+                num_experts=hf.get("num_experts") or hf["num_local_experts"],
                 moe_router_topk=hf["num_experts_per_tok"],
                 moe_ffn_hidden_size=hf["moe_intermediate_size"],
                 moe_router_pre_softmax=not hf.get("norm_topk_prob", model_type == "qwen3_moe"),
