@@ -51,20 +51,24 @@ def forward_backward(
     Returns the reduced metrics: ``loss`` (token-weighted mean over the global batch) and
     ``num_tokens``, plus any extra sums the loss function reported, on every rank.
     """
+    outputs = _run_schedule(forward_step, chunks, batch, micro_batch_size, forward_only=forward_only)
+    return reduce_loss(outputs, device=batch["input_ids"].device)
+
+
+def _run_schedule(forward_step, chunks, batch, micro_batch_size, **kwargs) -> list:
+    """Megatron's schedule over the batch's microbatches; returns what the last stage collected."""
     microbatches = split_microbatches(batch, micro_batch_size)
-    seq_length = batch["input_ids"].shape[1]
     # Interleaved schedules pull from one iterator per virtual stage.
     data: Any = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
-    outputs = get_forward_backward_func()(
+    return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data,
         model=list(chunks) if len(chunks) > 1 else chunks[0],
         num_microbatches=len(microbatches),
-        seq_length=seq_length,
+        seq_length=batch["input_ids"].shape[1],
         micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
+        **kwargs,
     )
-    return reduce_loss(outputs, device=batch["input_ids"].device)
 
 
 def reduce_loss(outputs: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor]:
@@ -105,19 +109,7 @@ def forward_logits(chunks: Sequence[torch.nn.Module], batch: dict[str, Any], mic
 
         return output, gather
 
-    microbatches = split_microbatches(batch, micro_batch_size)
-    seq_length = batch["input_ids"].shape[1]
-    data: Any = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
-    pieces = get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=data,
-        model=list(chunks) if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=True,
-        collect_non_loss_data=True,
-    )
+    pieces = _run_schedule(step, chunks, batch, micro_batch_size, forward_only=True, collect_non_loss_data=True)
     # Only the last stage has logits; it tells the others the vocabulary width, then sends them.
     device = batch["input_ids"].device
     width = torch.tensor([pieces[0].shape[-1] if pieces else 0], device=device)
