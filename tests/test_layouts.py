@@ -61,11 +61,6 @@ def test_moe_layouts(tmp_path, references):
         assert_same_run(runs[layout], references["moe"], layout)
 
 
-def test_moe_tp2_ep2_on_four_ranks(tmp_path, references):
-    runs = train_layouts(tmp_path, 4, "moe", ["tp2_ep2_sp"])
-    assert_same_run(runs["tp2_ep2_sp"], references["moe"], "tp2_ep2_sp")
-
-
 def test_torchrun_launch(tmp_path, references):
     """torchrun starts the ranks itself; Lightning picks up its environment."""
     runs = train_layouts(tmp_path, 2, "dense", ["tp2"],

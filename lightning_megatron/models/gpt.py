@@ -75,6 +75,11 @@ class GPTModule(L.LightningModule):
                 )
             return
         strategy.parallel.validate_model(self.config)
+        if self.config.is_moe and strategy.parallel.expert_tp > 1 and strategy.root_device.type == "cpu":
+            raise ValueError(
+                f"etp={strategy.parallel.expert_tp}: expert tensor parallelism all-gathers uneven "
+                "token counts, which gloo cannot do; on CPU set etp=1 (e.g. tp=2, ep=2, etp=1)"
+            )
         tconfig = self.config.to_transformer_config(**strategy.transformer_config_kwargs())
         tp = ps.get_tensor_model_parallel_world_size()
         vpp = strategy.parallel.vpp or 1
