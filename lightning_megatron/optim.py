@@ -46,6 +46,9 @@ def optimizer_config_from(optimizer: torch.optim.Optimizer | OptimizerConfig) ->
             adam_beta1=beta1,
             adam_beta2=beta2,
             adam_eps=group["eps"],
+            # Only used under fp16: torch's GradScaler starts at 2**16; Megatron's default,
+            # 2**32, skips the first ~16 steps on overflow before it gets there.
+            initial_loss_scale=2.0**16,
         )
     if isinstance(optimizer, torch.optim.SGD):
         if group.get("nesterov") or group.get("dampening"):
@@ -55,6 +58,7 @@ def optimizer_config_from(optimizer: torch.optim.Optimizer | OptimizerConfig) ->
             lr=group["lr"],
             weight_decay=group["weight_decay"],
             sgd_momentum=group["momentum"],
+            initial_loss_scale=2.0**16,
         )
     raise TypeError(
         f"MegatronStrategy builds Megatron-Core's optimizer and can carry over torch.optim.AdamW, "

@@ -24,12 +24,32 @@ def run_job(args: list[str], cwd: Path, timeout: int = 600, launcher: list[str] 
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
+def run_like_srun(args: list[str], cwd: Path, ntasks: int, timeout: int = 600) -> None:
+    """Start ``ntasks`` copies of a script with the variables ``srun --ntasks-per-node`` sets,
+    so Lightning's SLURMEnvironment (not its own launcher) wires up the ranks."""
+    procs = []
+    for rank in range(ntasks):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", SLURM_JOB_NAME="train",
+                   SLURM_JOB_ID="4242", SLURM_NTASKS=str(ntasks), SLURM_NTASKS_PER_NODE=str(ntasks),
+                   SLURM_NNODES="1", SLURM_NODEID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                   SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1")
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        if proc.returncode != 0:
+            pytest.fail(f"SLURM-style rank {rank} exited {proc.returncode}\n{log[-8000:]}")
+
+
 def train_layouts(tmp_path: Path, devices: int, model: str, layouts: list[str],
-                  accelerator: str = "cpu", **kwargs) -> dict:
+                  accelerator: str = "cpu", extra: list[str] = (), srun: bool = False, **kwargs) -> dict:
     out = tmp_path / f"{model}-{devices}.json"
     args = [str(SCRIPTS / "train_layouts.py"), "--devices", str(devices), "--model", model,
-            "--layouts", *layouts, "--accelerator", accelerator, "--out", str(out)]
-    run_job(args, cwd=tmp_path, **kwargs)
+            "--layouts", *layouts, "--accelerator", accelerator, "--out", str(out), *extra]
+    if srun:
+        run_like_srun(args, cwd=tmp_path, ntasks=devices, **kwargs)
+    else:
+        run_job(args, cwd=tmp_path, **kwargs)
     return json.loads(out.read_text())
 
 

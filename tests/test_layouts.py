@@ -10,6 +10,8 @@ with wrongly scaled gradients could still match losses; the norm catches it.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from tests.conftest import train_layouts
@@ -20,12 +22,16 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    return {model: train_layouts(tmp, 1, model, ["tp1"])["tp1"] for model in ("dense", "moe", "tied")}
+    runs = {model: train_layouts(tmp, 1, model, ["tp1"])["tp1"] for model in ("moe", "tied")}
+    runs["dense"] = train_layouts(tmp, 1, "dense", ["tp1"], extra=["--predict"])["tp1"]
+    return runs
 
 
 def assert_same_run(run: dict, reference: dict, layout: str) -> None:
     assert run["loss"] == pytest.approx(reference["loss"], abs=1e-4), f"{layout} losses differ"
     assert run["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), f"{layout} grad norms differ"
+    if "logits" in run:
+        assert run["logits"] == pytest.approx(reference["logits"], abs=1e-3), f"{layout} predictions differ"
 
 
 def test_reference_run_learns(references):
@@ -34,8 +40,8 @@ def test_reference_run_learns(references):
 
 
 def test_dense_two_ranks(tmp_path, references):
-    layouts = ["dp2", "tp2", "pp2", "pp2_vpp2", "tp2_sp", "pp2_mbs2"]
-    runs = train_layouts(tmp_path, 2, "dense", layouts)
+    layouts = ["dp2", "tp2", "pp2", "pp2_vpp2", "tp2_sp", "pp2_mbs2", "dp2_overlap"]
+    runs = train_layouts(tmp_path, 2, "dense", layouts, extra=["--predict"])
     for layout in layouts:
         assert_same_run(runs[layout], references["dense"], layout)
 
@@ -64,5 +70,17 @@ def test_moe_layouts(tmp_path, references):
 def test_torchrun_launch(tmp_path, references):
     """torchrun starts the ranks itself; Lightning picks up its environment."""
     runs = train_layouts(tmp_path, 2, "dense", ["tp2"],
-                         launcher=["torchrun", "--standalone", "--nproc_per_node", "2"])
+                         launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     assert_same_run(runs["tp2"], references["dense"], "tp2 via torchrun")
+
+
+def test_fork_launch(tmp_path, references):
+    """start_method='fork', as in a notebook: the ranks are forked from the calling process."""
+    runs = train_layouts(tmp_path, 2, "dense", ["pp2"], extra=["--start-method", "fork"])
+    assert_same_run(runs["pp2"], references["dense"], "pp2 forked")
+
+
+def test_slurm_launch(tmp_path, references):
+    """Ranks started as srun starts them: Lightning's SLURMEnvironment gives rank and world size."""
+    runs = train_layouts(tmp_path, 2, "dense", ["tp2"], srun=True)
+    assert_same_run(runs["tp2"], references["dense"], "tp2 under SLURM")

@@ -8,7 +8,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig
 from torch.utils.data import DataLoader
 
-from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
+from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy, RecomputeConfig
 from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_corpus
 
 CONFIG = dict(vocab_size=257, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -167,3 +167,55 @@ def test_padding_and_loss_mask_exclude_tokens():
     # Position t predicts label t+1: targets 3..5 are real; 6, 7 are padding; the last has none.
     assert inputs["loss_mask"].tolist() == [[False, False, True, True, True, False, False, False]]
     assert inputs["attention_mask"].shape == (1, 1, 8, 8)
+
+
+def test_fp16_uses_dynamic_loss_scaling():
+    # Lightning turns "16-mixed" into bf16 on CPU; passing the plugin keeps fp16 (CPU has fp16 kernels).
+    from lightning_megatron import MegatronPrecision
+
+    scales, skipped, losses = [], [], Losses()
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            optimizer = trainer.strategy.optimizers[0]
+            scales.append(float(optimizer.megatron.get_loss_scale()))
+            skipped.append(optimizer.last_step_skipped)
+
+    model = GPTModule(GPTConfig.preset("qwen2", **CONFIG), lr=3e-3)
+    trainer(plugins=[MegatronPrecision("16-mixed")], max_steps=10, callbacks=[losses, Watch()]).fit(model, loader())
+    assert next(model.chunks[0].parameters()).dtype == torch.float16
+    # The loss is a token sum (Megatron's per-token loss), so 2**16 overflows at first: those
+    # steps are skipped and the scale halves until the gradients fit in fp16.
+    assert scales[0] == 2.0**16 and skipped[0]
+    assert scales[-1] < scales[0] and not skipped[-1]
+    assert all(torch.isfinite(torch.tensor(losses.values))) and losses.values[-1] < losses.values[0] - 0.1
+
+
+@pytest.mark.parametrize(
+    "recompute, module_name, calls_per_microbatch",
+    [
+        (RecomputeConfig("full", "uniform", 1), "TransformerLayer", 2),
+        (RecomputeConfig("full", "block", 1), "TransformerLayer", 1.5),  # 1 of the 2 layers recomputed
+        (RecomputeConfig("selective", modules=["core_attn"]), "SDPAttention", 2),
+    ],
+    ids=["full-uniform", "full-block", "selective-core-attn"],
+)
+def test_recompute_reruns_forward_and_keeps_losses(recompute, module_name, calls_per_microbatch):
+    def run(recompute):
+        losses, calls = Losses(), []
+
+        class Count(L.Callback):
+            def on_train_start(self, trainer, module):
+                for m in module.chunks[0].modules():
+                    if type(m).__name__ == module_name:
+                        m.register_forward_hook(lambda *a: calls.append(1))
+
+        model = GPTModule(GPTConfig.preset("qwen2", **CONFIG), lr=3e-3)
+        trainer(strategy=MegatronStrategy(micro_batch_size=2, recompute=recompute), max_steps=2,
+                callbacks=[losses, Count()]).fit(model, loader())
+        return losses.values, len(calls)
+
+    plain_losses, plain_calls = run(None)
+    losses, calls = run(recompute)
+    assert losses == plain_losses  # recompute replays the same math (no dropout here)
+    assert calls == plain_calls * calls_per_microbatch

@@ -35,11 +35,14 @@ MODELS = {
 
 
 def parse_layout(name: str, devices: int) -> dict:
-    """'tp2_pp2_vpp2_ep2_sp_mbs2' -> strategy kwargs; the rest of the world is data parallel."""
+    """'tp2_pp2_vpp2_ep2_sp_mbs2' -> strategy kwargs; the rest of the world is data parallel.
+    'overlap' turns on Megatron DDP's overlapped grad reduce-scatter and param all-gather."""
     kwargs: dict = {"micro_batch_size": 1}
     for part in name.split("_"):
         if part == "sp":
             kwargs["sp"] = True
+        elif part == "overlap":
+            kwargs.update(overlap_grad_reduce=True, overlap_param_gather=True)
         elif part.startswith("mbs"):
             kwargs["micro_batch_size"] = int(part[3:])
         else:
@@ -57,9 +60,16 @@ class Record(L.Callback):
         self.losses.append(float(outputs["loss"]))
         self.grad_norms.append(trainer.strategy.optimizers[0].last_grad_norm)
 
+    def on_train_end(self, trainer, module) -> None:
+        # callback_metrics travel back to the calling process when the ranks were forked/spawned.
+        trainer.callback_metrics["record/loss"] = torch.tensor(self.losses, dtype=torch.float64)
+        trainer.callback_metrics["record/grad_norm"] = torch.tensor(self.grad_norms, dtype=torch.float64)
 
-def train(model_name: str, layout: str, devices: int, precision: str, accelerator: str = "cpu") -> dict:
+
+def train(model_name: str, layout: str, devices: int, precision: str, accelerator: str = "cpu",
+          start_method: str = "popen", predict: bool = False) -> dict:
     strategy_kwargs = parse_layout(layout, devices)
+    strategy_kwargs["start_method"] = start_method
     tokenizer = ByteTokenizer()
     data = TokenBlocks.from_text(bundled_corpus()[:30000], tokenizer, 32)
     values = dict(MODELS[model_name])
@@ -74,8 +84,19 @@ def train(model_name: str, layout: str, devices: int, precision: str, accelerato
         max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[record], limit_val_batches=0,
     )
-    trainer.fit(GPTModule(config, lr=5e-3, warmup_steps=0, lr_decay="constant"), loader)
-    return {"loss": record.losses, "grad_norm": record.grad_norms}
+    module = GPTModule(config, lr=5e-3, warmup_steps=0, lr_decay="constant")
+    trainer.fit(module, loader)
+    result = {"loss": trainer.callback_metrics["record/loss"].tolist(),
+              "grad_norm": trainer.callback_metrics["record/grad_norm"].tolist()}
+    if predict:
+        # Logits of the trained model on one batch (the prediction path gathers TP shards and
+        # broadcasts from the last pipeline stage); a slice is enough to compare layouts.
+        trainer = L.Trainer(strategy=MegatronStrategy(**strategy_kwargs), accelerator=accelerator, devices=devices,
+                            precision=precision, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_predict_batches=1)
+        logits = trainer.predict(module, loader)[0]
+        result["logits"] = logits[0, -4:, :32].flatten().tolist()  # sample 0 is on DP rank 0 in every layout
+    return result
 
 
 def main() -> None:
@@ -85,11 +106,14 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", required=True)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--start-method", default="popen")
+    parser.add_argument("--predict", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    results = {layout: train(args.model, layout, args.devices, args.precision, args.accelerator)
+    results = {layout: train(args.model, layout, args.devices, args.precision, args.accelerator,
+                             args.start_method, args.predict)
                for layout in args.layouts}
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
