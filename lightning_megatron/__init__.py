@@ -16,6 +16,7 @@ from lightning_megatron._compat import patch_megatron_core  # noqa: E402
 
 patch_megatron_core()
 
+from lightning_megatron.checkpoint import CheckpointError, MegatronCheckpointIO, versioned_dir  # noqa: E402
 from lightning_megatron.models.config import GPTConfig, RecomputeConfig  # noqa: E402
 from lightning_megatron.models.gpt import GPTModule  # noqa: E402
 from lightning_megatron.optim import warmup_decay_lr  # noqa: E402
@@ -25,11 +26,14 @@ from lightning_megatron.strategy import MegatronStrategy  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
+    "CheckpointError",
     "GPTConfig",
     "GPTModule",
+    "MegatronCheckpointIO",
     "MegatronPrecision",
     "MegatronStrategy",
     "ParallelConfig",
     "RecomputeConfig",
+    "versioned_dir",
     "warmup_decay_lr",
 ]

@@ -76,6 +76,23 @@ def build_megatron_optimizer(
     return get_megatron_optimizer(replace(config, **overrides), list(chunks))
 
 
+def prime_optimizer_state(optimizer: Any) -> None:
+    """Create the (zero) Adam state of a Megatron optimizer that has not stepped yet.
+
+    Loading a checkpoint needs the state's structure to load into; Megatron's distributed
+    optimizer reads the step count off it and, with torch's Adam (no Apex/TE fused Adam), finds
+    none before the first step.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init_state_fn = getattr(inner, "init_state_fn", None)
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if init_state_fn is None or torch_optimizer is None or len(torch_optimizer.state):
+            continue
+        init_state_fn(torch_optimizer, getattr(inner, "config", None))
+        for state in torch_optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
 class MegatronOptimizer(torch.optim.Optimizer):
     """Lightning-facing view of a Megatron-Core optimizer.
 
@@ -131,6 +148,12 @@ class MegatronOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.megatron.load_state_dict(state_dict)
+        # Megatron's distributed optimizer hands torch's Adam one shared "step" tensor for all
+        # parameters; torch increments it once per parameter, which would skew bias correction.
+        for inner in getattr(self.megatron, "chained_optimizers", [self.megatron]):
+            for state in getattr(getattr(inner, "optimizer", None), "state", {}).values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
 
 
 def warmup_decay_lr(

@@ -15,8 +15,10 @@ The setup reads as a recipe (each step a named method):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -27,18 +29,30 @@ from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.module import Float16Module
 from torch import Tensor
 
 from lightning_megatron import schedule
+from lightning_megatron.checkpoint import FORMAT, CheckpointError, MegatronCheckpointIO, read_info
 from lightning_megatron.cpu import cpu_mode
 from lightning_megatron.models.config import RecomputeConfig
 from lightning_megatron.models.specs import te_available
-from lightning_megatron.optim import MegatronOptimizer, build_megatron_optimizer, optimizer_config_from
+from lightning_megatron.optim import (
+    MegatronOptimizer,
+    build_megatron_optimizer,
+    optimizer_config_from,
+    prime_optimizer_state,
+)
 from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.precision import MegatronPrecision
+from lightning_megatron.resume import ResumableLoader, rng_state, set_rng_state
+
+# The distributed optimizer state in a layout-independent form (gathered per DP group on save):
+# reshardable over TP/PP/DP/EP.
+_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class MegatronStrategy(DDPStrategy):
@@ -56,6 +70,8 @@ class MegatronStrategy(DDPStrategy):
         use_te: use Transformer Engine layers; default: when importable and on GPU.
         seed: model-parallel RNG seed (dropout); default: ``seed_everything``'s seed or 1234.
         ddp_config: extra ``DistributedDataParallelConfig`` fields.
+        checkpoint_io: a :class:`~lightning_megatron.MegatronCheckpointIO` with save/load options
+            (async save, no_save_optim, finetune, ...); the default saves everything synchronously.
         start_method: ``"popen"`` (re-run the script, Lightning's default), ``"spawn"`` or
             ``"fork"`` (notebooks).
 
@@ -103,6 +119,10 @@ class MegatronStrategy(DDPStrategy):
         self.ddp_config_overrides = dict(ddp_config or {})
         self._cpu_mode: contextlib.AbstractContextManager | None = None
         self._bare_chunks: list[torch.nn.Module] | None = None
+        self._batch_idx = 0  # index of the training batch in flight, within the epoch
+        self._epoch_batches_done = 0  # training batches finished this epoch (the data position)
+        self.consumed_samples = 0  # global samples trained on, over the whole run
+        self._restore_optimizer = True
         if fp8 is not None and not te_available():
             raise ValueError(
                 f"fp8={fp8!r} needs Transformer Engine, which is not importable; install it "
@@ -124,6 +144,31 @@ class MegatronStrategy(DDPStrategy):
         plugin = self.precision_plugin
         assert isinstance(plugin, MegatronPrecision), "setup_environment() sets the precision plugin"
         return plugin
+
+    @property
+    def checkpoint_io(self) -> MegatronCheckpointIO:
+        if self._checkpoint_io is None:
+            self._checkpoint_io = MegatronCheckpointIO()
+        if not isinstance(self._checkpoint_io, MegatronCheckpointIO):
+            raise TypeError(
+                f"MegatronStrategy saves sharded checkpoints with MegatronCheckpointIO, not "
+                f"{type(self._checkpoint_io).__name__}; for async saving use "
+                "MegatronCheckpointIO(async_save=True)"
+            )
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: MegatronCheckpointIO | None) -> None:
+        self._checkpoint_io = io
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Loading a sharded checkpoint needs the optimizer's sharded template, built in setup().
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return self._restore_optimizer
 
     @property
     def chunks(self) -> list[torch.nn.Module]:
@@ -308,6 +353,16 @@ class MegatronStrategy(DDPStrategy):
             config.param_sync_func = param_sync[0] if len(chunks) == 1 else param_sync
 
     # ------------------------------------------------------------------------------ stepping
+    def process_dataloader(self, dataloader: Any) -> Any:
+        trainer = self.lightning_module.trainer
+        if trainer.training and hasattr(dataloader, "__len__") and not isinstance(dataloader, ResumableLoader):
+            return ResumableLoader(dataloader, batches_done=lambda: self._epoch_batches_done)
+        return dataloader
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+        self.checkpoint_io.finalize(blocking=False)  # publish async saves that have finished
+
     def forward_backward(self, batch: dict[str, Any], forward_only: bool = False) -> dict[str, Tensor]:
         """Run all microbatches of ``batch`` through Megatron's schedule; return reduced metrics."""
         self.parallel.validate_sequence(batch["input_ids"].shape[1])
@@ -316,13 +371,17 @@ class MegatronStrategy(DDPStrategy):
             for chunk in chunks:
                 chunk.zero_grad_buffer()
             self.optimizers[0].megatron.zero_grad()
-        return schedule.forward_backward(
+        metrics = schedule.forward_backward(
             self.lightning_module.forward_step,
             chunks,
             batch,
             self.parallel.micro_batch_size,
             forward_only=forward_only,
         )
+        if not forward_only:
+            self._epoch_batches_done = self._batch_idx + 1
+            self.consumed_samples += batch["input_ids"].shape[0] * ps.get_data_parallel_world_size()
+        return metrics
 
     def forward_logits(self, batch: dict[str, Any]) -> Tensor:
         """Full-vocabulary logits ``[b, s, vocab]`` on every rank (pipeline stages included)."""
@@ -335,12 +394,147 @@ class MegatronStrategy(DDPStrategy):
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         return self.precision_plugin.post_backward(closure_loss, module)
 
+    # --------------------------------------------------------------------------- checkpoints
+    def _model_sharded_state_dict(self) -> dict[str, Any]:
+        # From the unwrapped chunks: checkpoint keys must not depend on the 16-bit/DDP wrappers
+        # (the wrapped and bare chunks share their parameters).
+        chunks = self._bare_chunks or self.chunks
+        if len(chunks) == 1:
+            return {"model": chunks[0].sharded_state_dict()}
+        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's shards of the model (Megatron ``ShardedTensor``s), keyed by chunk."""
+        return self._model_sharded_state_dict()
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        return self._optimizer_sharded_state_dict(optimizer, is_loading=False)
+
+    def _optimizer_sharded_state_dict(self, optimizer: MegatronOptimizer, is_loading: bool) -> dict[str, Any]:
+        if is_loading:
+            prime_optimizer_state(optimizer.megatron)
+        state = optimizer.megatron.sharded_state_dict(
+            self._model_sharded_state_dict(), is_loading=is_loading, metadata=_OPTIMIZER_SHARDING
+        )
+        # The Lightning-facing groups hold the scheduler's current lr; Megatron's are synced from them.
+        state["lightning_param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        return state
+
+    def _rng_sharded_object(self) -> ShardedObject:
+        return ShardedObject("rng_state", rng_state(), (self.world_size,), (self.global_rank,), replica_id=0)
+
+    def _layout(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, **dataclasses.asdict(self.parallel)}
+
+    def _checkpoint_info(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        from lightning_megatron import __version__
+
+        config = getattr(self.lightning_module, "config", None)
+        return {
+            "format": FORMAT,
+            "versions": {"lightning_megatron": __version__, "megatron_core": version("megatron-core"),
+                         "torch": torch.__version__, "lightning": L.__version__},
+            "model_class": type(self.lightning_module).__qualname__,
+            "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
+            "layout": self._layout(),
+            "precision": self.precision.precision,
+            "epoch": checkpoint.get("epoch"),
+            "global_step": checkpoint.get("global_step"),
+            "consumed_samples": self.consumed_samples,
+        }
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
+        """Every rank writes its shards (Lightning's default would let rank 0 write alone)."""
+        checkpoint = dict(checkpoint, lightning_megatron=self._checkpoint_info(checkpoint))
+        checkpoint["rng_state"] = self._rng_sharded_object()
+        self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def remove_checkpoint(self, filepath: str | Path) -> None:
+        self.barrier("remove_checkpoint")  # nobody may still be writing or reading it
+        if self.local_rank == 0:  # one rank per node, in case checkpoints live on node-local disks
+            self.checkpoint_io.remove_checkpoint(filepath)
+        self.barrier("remove_checkpoint")
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load into this rank's shards of the current layout (a different TP/PP/DP/EP is fine)."""
+        io = self.checkpoint_io
+        info = read_info(checkpoint_path)
+        self._check_same_model(info, checkpoint_path)
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        template: dict[str, Any] = {"state_dict": self._model_sharded_state_dict()}
+        load_optim = fitting and not (io.finetune or io.no_load_optim) and bool(self.optimizers)
+        if load_optim:
+            if "optimizer_states" not in info["contents"]:
+                raise CheckpointError(
+                    f"{checkpoint_path} holds no optimizer state (saved with no_save_optim); resume "
+                    "with MegatronCheckpointIO(no_load_optim=True), or finetune=True for weights only"
+                )
+            template["optimizer_states"] = [self._optimizer_sharded_state_dict(self.optimizers[0], is_loading=True)]
+        same_layout = info["layout"] == self._layout()
+        load_rng = fitting and not (io.finetune or io.no_load_rng) and "rng_state" in info["contents"]
+        if load_rng and same_layout:
+            template["rng_state"] = self._rng_sharded_object()
+        elif load_rng:
+            L.pytorch.utilities.rank_zero_info(
+                f"RNG states not restored: the checkpoint's layout {info['layout']} differs from {self._layout()}"
+            )
+        loaded = io.load_checkpoint(checkpoint_path, sharded_state_dict=template)
+        if "rng_state" in template:
+            set_rng_state(loaded.pop("rng_state"))
+        self._restore_optimizer = load_optim
+        if io.finetune:
+            # Weights only: step 0, fresh optimizer, schedulers and loops (Lightning still expects
+            # a scheduler entry, so hand back the fresh schedulers' own state).
+            return {"state_dict": loaded["state_dict"],
+                    "pytorch-lightning_version": loaded["pytorch-lightning_version"],
+                    "lr_schedulers": [c.scheduler.state_dict() for c in self.lr_scheduler_configs]}
+        if fitting:
+            self.consumed_samples = int(info.get("consumed_samples") or 0)
+        return loaded
+
+    def _check_same_model(self, info: dict[str, Any], path: str | Path) -> None:
+        config = getattr(self.lightning_module, "config", None)
+        saved = info.get("model_config")
+        if saved is None or not hasattr(config, "to_dict"):
+            return
+        current = config.to_dict()
+        differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} here"
+                       for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {path} is for a different model; " + "; ".join(differences)
+                + ". Build the module with the checkpoint's config (its lightning_megatron.json has it)"
+            )
+
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        state = checkpoint["state_dict"]
+        chunks = self._bare_chunks or self.chunks
+        names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+        for name, chunk in zip(names, chunks):
+            chunk.load_state_dict(state[name], strict=strict)
+        if self.optimizers:
+            # 16-bit training keeps fp32 master weights in the optimizer: refresh them from the
+            # loaded weights (a loaded optimizer state overwrites them again, with its own copy).
+            self.optimizers[0].megatron.reload_model_params()
+
+    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        state = dict(checkpoint["optimizer_states"][0])
+        groups = state.pop("lightning_param_groups")
+        optimizer = self.optimizers[0]
+        for group, saved in zip(optimizer.param_groups, groups):
+            group.update(saved)
+        optimizer.load_state_dict(state)
+
     # ------------------------------------------------------------------------------ teardown
     def teardown(self) -> None:
         module = self.lightning_module
         if module is not None and self._bare_chunks is not None:
             module.chunks = torch.nn.ModuleList(self._bare_chunks)
             self._bare_chunks = None
+        self.checkpoint_io.finalize(blocking=True)  # an async save still in flight lands now
+        self._restore_optimizer = True
         self.optimizers = []
         self.lr_scheduler_configs = []
         if _distributed_is_initialized() and ps.model_parallel_is_initialized():

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
 
 
-def run_job(args: list[str], cwd: Path, timeout: int = 600, launcher: list[str] | None = None) -> None:
+def job_env(**extra: str) -> dict[str, str]:
+    """Environment for a child job: without the rendezvous variables that in-process fits left
+    behind (the parent still holds that MASTER_PORT)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}}
+    return dict(env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+
+
+def run_job(args: list[str], cwd: Path, timeout: int = 600, launcher: list[str] | None = None,
+            expect_returncode: int = 0) -> None:
     """Run a test script (Lightning's own launcher starts the other ranks); fail with its log."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = job_env()
     cmd = (launcher or [sys.executable]) + args
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    # The log goes to a file, not a pipe: a helper process that outlives a killed job (Megatron's
+    # checkpoint writer) would otherwise keep the pipe open.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        log.seek(0)
+        output = log.read()
+    if proc.returncode != expect_returncode:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{output[-12000:]}")
 
 
 def run_like_srun(args: list[str], cwd: Path, ntasks: int, timeout: int = 600) -> None:
@@ -29,7 +44,7 @@ def run_like_srun(args: list[str], cwd: Path, ntasks: int, timeout: int = 600) -
     so Lightning's SLURMEnvironment (not its own launcher) wires up the ranks."""
     procs = []
     for rank in range(ntasks):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", SLURM_JOB_NAME="train",
+        env = job_env(SLURM_JOB_NAME="train",
                    SLURM_JOB_ID="4242", SLURM_NTASKS=str(ntasks), SLURM_NTASKS_PER_NODE=str(ntasks),
                    SLURM_NNODES="1", SLURM_NODEID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                    SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1")
