@@ -23,15 +23,16 @@ import pickle
 import shutil
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException  # a BaseException
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 INFO_FILE = "lightning_megatron.json"
+OPTIM_FORMATS = ("dp_reshardable", "fully_reshardable")
 FORMAT = "lightning_megatron/torch_dist/1"
 
 
@@ -52,6 +53,11 @@ class MegatronCheckpointIO(CheckpointIO):
         no_load_optim: load weights, scheduler and loop state but start a fresh optimizer.
         no_load_rng: do not restore RNG states.
         finetune: load the weights only and start at step 0 (new optimizer, scheduler, loops).
+        optim_format: how the distributed optimizer's state is laid out (Megatron-Core's
+            ``distrib_optim_sharding_type``). ``"dp_reshardable"`` (default): each rank writes its
+            own shard, no communication or extra memory; loads under another data-parallel size
+            only. ``"fully_reshardable"``: gathered per data-parallel group on save (extra GPU
+            memory for the gather); loads under any TP/PP/DP layout. Weights always reshard.
 
     Example::
 
@@ -66,13 +72,17 @@ class MegatronCheckpointIO(CheckpointIO):
         no_load_optim: bool = False,
         no_load_rng: bool = False,
         finetune: bool = False,
+        optim_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable",
     ) -> None:
+        if optim_format not in OPTIM_FORMATS:
+            raise ValueError(f"optim_format={optim_format!r}; choose one of {OPTIM_FORMATS}")
         self.async_save = async_save
         self.no_save_optim = no_save_optim
         self.no_save_rng = no_save_rng
         self.no_load_optim = no_load_optim
         self.no_load_rng = no_load_rng
         self.finetune = finetune
+        self.optim_format = optim_format
         self._queue = AsyncCallsQueue() if async_save else None
 
     # ------------------------------------------------------------------------------- saving
@@ -80,6 +90,10 @@ class MegatronCheckpointIO(CheckpointIO):
         """Called on every rank with this rank's sharded state and the JSON-able ``info``."""
         if storage_options is not None:
             raise TypeError(f"MegatronCheckpointIO takes no storage_options (got {storage_options!r})")
+        if "lightning_megatron" not in checkpoint:
+            # Not from the strategy: Lightning's fork/spawn launcher handing rank 0's plain
+            # state_dict back to the main process through a temporary file.
+            return TorchCheckpointIO().save_checkpoint(checkpoint, path)
         self.finalize(blocking=True)  # one save in flight at a time; the previous one lands first
         checkpoint = dict(checkpoint)
         info = checkpoint.pop("lightning_megatron")
@@ -114,6 +128,8 @@ class MegatronCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         """Delete a checkpoint directory (the strategy calls this on one rank per node)."""
+        if Path(path).is_file():
+            Path(path).unlink()
         shutil.rmtree(path, ignore_errors=True)
 
     def teardown(self) -> None:
@@ -128,11 +144,8 @@ class MegatronCheckpointIO(CheckpointIO):
         sharded_state_dict: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Load the parts of ``sharded_state_dict`` (the strategy's template) this rank holds."""
-        if sharded_state_dict is None:
-            raise TypeError(
-                "MegatronCheckpointIO.load_checkpoint needs the sharded template that "
-                "MegatronStrategy.load_checkpoint builds; load through the Trainer (ckpt_path=...)"
-            )
+        if sharded_state_dict is None:  # the launcher's hand-off file (see save_checkpoint)
+            return TorchCheckpointIO().load_checkpoint(path, map_location=map_location, weights_only=True)
         path = Path(path)
         read_info(path)  # refuses missing, incomplete and foreign directories
         _check_pickled_metadata(path / ".metadata")

@@ -146,14 +146,26 @@ class MegatronOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         return self.megatron.state_dict()
 
+    @torch.no_grad()  # copies into main params, which for fp32 training are the model's own
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        parts = list(getattr(self.megatron, "chained_optimizers", [self.megatron]))
+        part_states = [state_dict] if len(parts) == 1 else [state_dict[k] for k in sorted(state_dict)]
+        steps = [_saved_step(part_state) for part_state in part_states]
         self.megatron.load_state_dict(state_dict)
-        # Megatron's distributed optimizer hands torch's Adam one shared "step" tensor for all
-        # parameters; torch increments it once per parameter, which would skew bias correction.
-        for inner in getattr(self.megatron, "chained_optimizers", [self.megatron]):
-            for state in getattr(getattr(inner, "optimizer", None), "state", {}).values():
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].clone()
+        # With torch's Adam, Megatron's distributed optimizer keeps the step count in the param
+        # groups and hands every parameter one *shared* step tensor on load (torch would then
+        # increment it once per parameter), and its dp_reshardable loader can overwrite it with
+        # the template's value. Give each parameter its own tensor holding the saved step.
+        for part, step in zip(parts, steps):
+            for state in getattr(getattr(part, "optimizer", None), "state", {}).values():
+                if step is not None and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)
+
+
+def _saved_step(state_dict: dict[str, Any]) -> float | None:
+    groups = state_dict.get("optimizer", {}).get("param_groups", []) if isinstance(state_dict, dict) else []
+    steps = {float(g["step"]) for g in groups if g.get("step") is not None}
+    return steps.pop() if len(steps) == 1 else None
 
 
 def warmup_decay_lr(

@@ -50,9 +50,6 @@ from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.precision import MegatronPrecision
 from lightning_megatron.resume import ResumableLoader, rng_state, set_rng_state
 
-# The distributed optimizer state in a layout-independent form (gathered per DP group on save):
-# reshardable over TP/PP/DP/EP.
-_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class MegatronStrategy(DDPStrategy):
@@ -408,13 +405,15 @@ class MegatronStrategy(DDPStrategy):
         return self._model_sharded_state_dict()
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        return self._optimizer_sharded_state_dict(optimizer, is_loading=False)
+        return self._optimizer_sharded_state_dict(optimizer, self.checkpoint_io.optim_format, is_loading=False)
 
-    def _optimizer_sharded_state_dict(self, optimizer: MegatronOptimizer, is_loading: bool) -> dict[str, Any]:
+    def _optimizer_sharded_state_dict(self, optimizer: MegatronOptimizer, optim_format: str,
+                                      is_loading: bool) -> dict[str, Any]:
         if is_loading:
             prime_optimizer_state(optimizer.megatron)
         state = optimizer.megatron.sharded_state_dict(
-            self._model_sharded_state_dict(), is_loading=is_loading, metadata=_OPTIMIZER_SHARDING
+            self._model_sharded_state_dict(), is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": optim_format},
         )
         # The Lightning-facing groups hold the scheduler's current lr; Megatron's are synced from them.
         state["lightning_param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -443,7 +442,16 @@ class MegatronStrategy(DDPStrategy):
             "epoch": checkpoint.get("epoch"),
             "global_step": checkpoint.get("global_step"),
             "consumed_samples": self.consumed_samples,
+            "optimizer_parts": self._optimizer_parts(),
+            "optimizer_format": self.checkpoint_io.optim_format,
         }
+
+    def _optimizer_parts(self) -> int:
+        # Megatron chains one optimizer per parameter group family (e.g. dense and expert
+        # parameters under expert parallelism); its checkpoint structure follows that chain.
+        if not self.optimizers:
+            return 0
+        return len(getattr(self.optimizers[0].megatron, "chained_optimizers", [None]))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
         """Every rank writes its shards (Lightning's default would let rank 0 write alone)."""
@@ -471,7 +479,27 @@ class MegatronStrategy(DDPStrategy):
                     f"{checkpoint_path} holds no optimizer state (saved with no_save_optim); resume "
                     "with MegatronCheckpointIO(no_load_optim=True), or finetune=True for weights only"
                 )
-            template["optimizer_states"] = [self._optimizer_sharded_state_dict(self.optimizers[0], is_loading=True)]
+            saved_parts, parts = info.get("optimizer_parts"), self._optimizer_parts()
+            if saved_parts != parts:
+                raise CheckpointError(
+                    f"{checkpoint_path} holds the optimizer state as {saved_parts} part(s) (layout "
+                    f"{info['layout']}); this layout's optimizer has {parts} (expert parallelism changes "
+                    "that) and Megatron-Core cannot reshard between them. Resume with "
+                    "MegatronCheckpointIO(no_load_optim=True) to load weights, scheduler and loop state"
+                )
+            optim_format = info.get("optimizer_format", "dp_reshardable")
+            model_parallel = {k: v for k, v in info["layout"].items() if k not in ("world_size", "micro_batch_size", "sp")}
+            here = {k: v for k, v in self._layout().items() if k in model_parallel}
+            if optim_format == "dp_reshardable" and model_parallel != here:
+                raise CheckpointError(
+                    f"{checkpoint_path} saved its optimizer state as 'dp_reshardable' under {model_parallel}, "
+                    f"which loads only under the same model-parallel layout, not {here}. Resume with "
+                    "MegatronCheckpointIO(no_load_optim=True) (weights, scheduler and loops still load), "
+                    "or save with MegatronCheckpointIO(optim_format='fully_reshardable')"
+                )
+            template["optimizer_states"] = [
+                self._optimizer_sharded_state_dict(self.optimizers[0], optim_format, is_loading=True)
+            ]
         same_layout = info["layout"] == self._layout()
         load_rng = fitting and not (io.finetune or io.no_load_rng) and "rng_state" in info["contents"]
         if load_rng and same_layout:
@@ -514,9 +542,10 @@ class MegatronStrategy(DDPStrategy):
         names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
         for name, chunk in zip(names, chunks):
             chunk.load_state_dict(state[name], strict=strict)
-        if self.optimizers:
-            # 16-bit training keeps fp32 master weights in the optimizer: refresh them from the
-            # loaded weights (a loaded optimizer state overwrites them again, with its own copy).
+        if self.optimizers and not self._restore_optimizer:
+            # 16-bit training keeps fp32 master weights in the optimizer: without a saved optimizer
+            # state, start them from the loaded weights. (With one, they come from the checkpoint,
+            # already loaded in place into the template, which must not be overwritten here.)
             self.optimizers[0].megatron.reload_model_params()
 
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:

@@ -83,3 +83,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory):
+    """One-process runs of each test model: the reference every layout must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    runs = {model: train_layouts(tmp, 1, model, ["tp1"])["tp1"] for model in ("moe", "tied")}
+    runs["dense"] = train_layouts(tmp, 1, "dense", ["tp1"], extra=["--predict"])["tp1"]
+    return runs
+
+
+def assert_same_run(run: dict, reference: dict, layout: str) -> None:
+    assert run["loss"] == pytest.approx(reference["loss"], abs=1e-4), f"{layout} losses differ"
+    assert run["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), f"{layout} grad norms differ"
+    if "logits" in run:
+        assert run["logits"] == pytest.approx(reference["logits"], abs=1e-3), f"{layout} predictions differ"

@@ -55,3 +55,34 @@ def test_nccl_tp2_and_pp2_match_one_gpu(tmp_path):
     for layout, run in two.items():
         print(f"\n{layout}: {run['loss']} vs {one['tp1']['loss']}")
         assert run["loss"] == pytest.approx(one["tp1"]["loss"], abs=1e-4)
+
+
+def test_gpu_resume_matches_uninterrupted(tmp_path):
+    """bf16 on CUDA: 2 steps, save, resume 2 more == 4 uninterrupted (cuBLAS is deterministic
+    for the same shapes; the tolerance only covers atomics in attention backward)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_corpus
+
+    data = TokenBlocks.from_text(bundled_corpus()[:40000], ByteTokenizer(), 128)
+
+    def fit(steps, ckpt_path=None, callbacks=()):
+        losses = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                losses.append(float(outputs["loss"]))
+
+        config = GPTConfig.preset("qwen2", vocab_size=257, num_layers=2, hidden_size=256, num_attention_heads=4,
+                                  num_query_groups=2, ffn_hidden_size=512)
+        trainer = L.Trainer(strategy=MegatronStrategy(micro_batch_size=2), accelerator="gpu", devices=1,
+                            precision="bf16-mixed", max_steps=steps, logger=False, enable_progress_bar=False,
+                            enable_checkpointing=bool(callbacks), callbacks=[Record(), *callbacks])
+        trainer.fit(GPTModule(config, lr=1e-3, lr_decay="constant"), DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+        return losses
+
+    uninterrupted = fit(4)
+    fit(2, callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)])
+    resumed = fit(4, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    print(f"\nGPU resume: {resumed} vs {uninterrupted[2:]}")
+    assert resumed == pytest.approx(uninterrupted[2:], abs=1e-3)

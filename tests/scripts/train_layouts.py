@@ -16,9 +16,10 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
+from lightning_megatron import GPTConfig, GPTModule, MegatronCheckpointIO, MegatronStrategy
 from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_corpus
 
 GLOBAL_BATCH = 8
@@ -36,13 +37,19 @@ MODELS = {
 
 def parse_layout(name: str, devices: int) -> dict:
     """'tp2_pp2_vpp2_ep2_sp_mbs2' -> strategy kwargs; the rest of the world is data parallel.
-    'overlap' turns on Megatron DDP's overlapped grad reduce-scatter and param all-gather."""
+    'overlap' turns on Megatron DDP's overlapped grad reduce-scatter and param all-gather;
+    'noloadoptim' resumes without the optimizer state; 'fullyreshardable' saves the optimizer
+    state in Megatron's fully reshardable format."""
     kwargs: dict = {"micro_batch_size": 1}
     for part in name.split("_"):
         if part == "sp":
             kwargs["sp"] = True
         elif part == "overlap":
             kwargs.update(overlap_grad_reduce=True, overlap_param_gather=True)
+        elif part == "noloadoptim":
+            kwargs["checkpoint_io"] = MegatronCheckpointIO(no_load_optim=True)
+        elif part == "fullyreshardable":
+            kwargs["checkpoint_io"] = MegatronCheckpointIO(optim_format="fully_reshardable")
         elif part.startswith("mbs"):
             kwargs["micro_batch_size"] = int(part[3:])
         else:
@@ -67,7 +74,11 @@ class Record(L.Callback):
 
 
 def train(model_name: str, layout: str, devices: int, precision: str, accelerator: str = "cpu",
-          start_method: str = "popen", predict: bool = False) -> dict:
+          start_method: str = "popen", predict: bool = False, save_dir: str | None = None) -> dict:
+    """Train STEPS steps under ``layout``. With ``save_dir``, checkpoint every 2 steps into
+    ``save_dir/<layout>``; a layout ``"tp2@pp2"`` instead resumes tp2 from pp2's step-2 checkpoint."""
+    layout, _, resume_from = layout.partition("@")
+    ckpt_path = f"{save_dir}/{resume_from}/epoch=0-step=2.ckpt" if resume_from else None
     strategy_kwargs = parse_layout(layout, devices)
     strategy_kwargs["start_method"] = start_method
     tokenizer = ByteTokenizer()
@@ -79,13 +90,16 @@ def train(model_name: str, layout: str, devices: int, precision: str, accelerato
     dp = devices // model_parallel
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // dp, shuffle=False, drop_last=True)
     record = Record()
+    callbacks: list = [record]
+    if save_dir and not resume_from:
+        callbacks.append(ModelCheckpoint(dirpath=f"{save_dir}/{layout}", every_n_train_steps=2, save_top_k=-1))
     trainer = L.Trainer(
         strategy=strategy, accelerator=accelerator, devices=devices, precision=precision,
-        max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[record], limit_val_batches=0,
+        max_steps=STEPS, logger=False, enable_checkpointing=len(callbacks) > 1, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, limit_val_batches=0,
     )
     module = GPTModule(config, lr=5e-3, warmup_steps=0, lr_decay="constant")
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
     result = {"loss": trainer.callback_metrics["record/loss"].tolist(),
               "grad_norm": trainer.callback_metrics["record/grad_norm"].tolist()}
     if predict:
@@ -108,12 +122,13 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--start-method", default="popen")
     parser.add_argument("--predict", action="store_true")
+    parser.add_argument("--save-dir")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     results = {layout: train(args.model, layout, args.devices, args.precision, args.accelerator,
-                             args.start_method, args.predict)
+                             args.start_method, args.predict, args.save_dir)
                for layout in args.layouts}
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
