@@ -37,6 +37,8 @@ def test_dp2_resumes_and_reshards_over_data_parallel(tmp_path, references):
     save = ["--save-dir", str(tmp_path / "ckpt")]
     runs = train_layouts(tmp_path, 2, "dense", ["dp2", "dp2@dp2", "tp2_noloadoptim@dp2"], extra=save)
     assert runs["dp2@dp2"]["loss"] == runs["dp2"]["loss"][2:]  # exact resume, optimizer sharded over DP
+    best = sorted(p.name for p in (tmp_path / "ckpt" / "dp2-best").iterdir())
+    assert len(best) == 1 and best[0].endswith(".ckpt")  # save_top_k=1 deleted the other three
     assert runs["tp2_noloadoptim@dp2"]["loss"][0] == pytest.approx(references["dense"]["loss"][2], abs=1e-4)
     one_rank = train_layouts(tmp_path, 1, "dense", ["tp1@dp2"], extra=save)
     resumed_matches(one_rank["tp1@dp2"], references["dense"], "tp1@dp2")

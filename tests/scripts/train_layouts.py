@@ -93,6 +93,9 @@ def train(model_name: str, layout: str, devices: int, precision: str, accelerato
     callbacks: list = [record]
     if save_dir and not resume_from:
         callbacks.append(ModelCheckpoint(dirpath=f"{save_dir}/{layout}", every_n_train_steps=2, save_top_k=-1))
+        # Also keep only the best of a checkpoint per step: older ones are deleted on every node.
+        callbacks.append(ModelCheckpoint(dirpath=f"{save_dir}/{layout}-best", every_n_train_steps=1,
+                                         save_top_k=1, monitor="train/loss"))
     trainer = L.Trainer(
         strategy=strategy, accelerator=accelerator, devices=devices, precision=precision,
         max_steps=STEPS, logger=False, enable_checkpointing=len(callbacks) > 1, enable_progress_bar=False,
