@@ -17,6 +17,7 @@ from lightning_megatron._compat import patch_megatron_core  # noqa: E402
 patch_megatron_core()
 
 from lightning_megatron.checkpoint import CheckpointError, MegatronCheckpointIO, versioned_dir  # noqa: E402
+from lightning_megatron.hf import export_hf  # noqa: E402
 from lightning_megatron.models.config import GPTConfig, RecomputeConfig  # noqa: E402
 from lightning_megatron.models.gpt import GPTModule  # noqa: E402
 from lightning_megatron.optim import warmup_decay_lr  # noqa: E402
@@ -34,6 +35,7 @@ __all__ = [
     "MegatronStrategy",
     "ParallelConfig",
     "RecomputeConfig",
+    "export_hf",
     "versioned_dir",
     "warmup_decay_lr",
 ]

@@ -437,6 +437,7 @@ class MegatronStrategy(DDPStrategy):
                          "torch": torch.__version__, "lightning": L.__version__},
             "model_class": type(self.lightning_module).__qualname__,
             "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
+            "hf_source": getattr(self.lightning_module.hparams, "hf_source", None),
             "layout": self._layout(),
             "precision": self.precision.precision,
             "epoch": checkpoint.get("epoch"),

@@ -153,7 +153,7 @@ class GPTConfig:
             kv_channels=hf.get("head_dim"),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-            rope_scaling=hf.get("rope_scaling"),
+            rope_scaling=_rope_scaling_of(hf),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_method_std=hf.get("initializer_range", 0.02),
@@ -230,6 +230,14 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _rope_scaling_of(hf: dict[str, Any]) -> dict[str, Any] | None:
+    # transformers < 5 writes "rope_scaling"; 5.x folds it into "rope_parameters" with the theta.
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or None
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return None
+    return scaling
 
 
 def _read_hf_config(source: str | Path | Any) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -32,6 +34,8 @@ class GPTModule(L.LightningModule):
         warmup_steps, lr_decay, min_lr_ratio: the LR schedule (see :func:`warmup_decay_lr`);
             decay runs to ``trainer.max_steps``.
         seed: weight-initialization seed; the same seed gives the same weights under any layout.
+        hf_source: a Hugging Face model directory whose weights replace the initial ones (use
+            :meth:`from_hf`, which also reads the config from it).
 
     Example::
 
@@ -50,6 +54,7 @@ class GPTModule(L.LightningModule):
         lr_decay: str = "cosine",
         min_lr_ratio: float = 0.1,
         seed: int = 1234,
+        hf_source: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,8 +107,26 @@ class GPTModule(L.LightningModule):
                 )
             )
         init_weights(chunks, self.hparams.seed, self.config.init_method_std, self.config.num_layers)
+        if self.hparams.hf_source:
+            from lightning_megatron.hf import load_hf_weights
+
+            load_hf_weights(chunks, self.hparams.hf_source, self.config)
         self.chunks = torch.nn.ModuleList(chunks)
         self._built_for = layout
+
+    @classmethod
+    def from_hf(cls, source: str | Path, **kwargs: Any) -> GPTModule:
+        """A module with a Hugging Face model's config and weights.
+
+        The weights load in ``configure_model``, under whatever layout the strategy has; each rank
+        reads only its own layers' and experts' tensors. ``kwargs`` go to ``GPTModule``
+        (``lr=...``), and config fields to override go in ``config_overrides``.
+        """
+        overrides = kwargs.pop("config_overrides", {})
+        config = GPTConfig.from_hf(source)
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        return cls(config, hf_source=str(source), **kwargs)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
