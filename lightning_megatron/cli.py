@@ -12,6 +12,7 @@ logits differ by more than ``--tolerance``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -22,13 +23,14 @@ import torch
 PROMPT = "The quick brown fox jumps over the lazy dog. Megatron meets Lightning."
 
 
-def _trainer(devices: int = 1, callbacks: list | None = None, **strategy: Any):
+def _trainer(devices: int = 1, callbacks: list | None = None, precision: str = "32-true", **strategy: Any):
     import lightning as L
 
     from lightning_megatron import MegatronStrategy
 
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     return L.Trainer(strategy=MegatronStrategy(**strategy), accelerator=accelerator, devices=devices, logger=False,
+                     precision=precision,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [])
 
 
@@ -48,8 +50,11 @@ def to_mcore(model: str, output: str, tp: int = 1, pp: int = 1, ep: int = 1) -> 
             trainer.save_checkpoint(output, weights_only=True)
 
     module = GPTModule.from_hf(model)
+    # Keep the HF model's dtype: a bf16 model is saved as bf16 weights.
+    hf = json.loads((Path(model) / "config.json").read_text())
+    precision = "bf16-true" if hf.get("dtype", hf.get("torch_dtype")) == "bfloat16" else "32-true"
     # tp * pp * ep ranks always form a valid layout (data parallel ep; experts split over it).
-    trainer = _trainer(devices=tp * pp * ep, callbacks=[SaveOnce()], tp=tp, pp=pp, ep=ep)
+    trainer = _trainer(devices=tp * pp * ep, callbacks=[SaveOnce()], precision=precision, tp=tp, pp=pp, ep=ep)
     prompt = torch.zeros(1, 8, dtype=torch.long)
     trainer.validate(module, _batches(prompt), verbose=False)  # one tiny batch: the save happens first
     return Path(output)
