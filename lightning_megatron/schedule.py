@@ -96,13 +96,12 @@ def forward_logits(chunks: Sequence[torch.nn.Module], batch: dict[str, Any], mic
     """Forward-only pass returning full-vocabulary logits ``[b, s, vocab]`` on every rank."""
     from megatron.core import tensor_parallel
 
+    from lightning_megatron.models.gpt import prepare_inputs
+
     def step(data_iterator, chunk):
-        micro = next(data_iterator)
-        ids = micro["input_ids"]
-        positions = micro.get("position_ids")
-        if positions is None:
-            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        output = chunk(ids, positions, None)
+        # The same positions and attention mask (padding, packed samples) as in training.
+        inputs = prepare_inputs(next(data_iterator))
+        output = chunk(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
 
         def gather(logits, non_loss_data=False):
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())

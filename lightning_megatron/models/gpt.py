@@ -145,6 +145,11 @@ class GPTModule(L.LightningModule):
         elsewhere) and the function that reduces it to ``(loss_sum, num_tokens, report)``.
         """
         batch = next(data_iterator)
+        if "segment_ids" in batch and self.trainer.strategy.use_te:
+            raise NotImplementedError(
+                "packed rows (segment_ids) use a block-diagonal mask in the local attention; with "
+                "Transformer Engine they need THD PackedSeqParams, not supported yet: use_te=False"
+            )
         inputs = prepare_inputs(batch)
         output = chunk(
             inputs["input_ids"],
@@ -252,7 +257,13 @@ def prepare_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
         loss_mask &= torch.roll(batch["loss_mask"].bool(), -1, dims=1)
     attention_mask = None
     padding = batch.get("attention_mask")
-    if padding is not None and not bool(padding.all()):
+    segments = batch.get("segment_ids")
+    if segments is not None:
+        # Packed rows: a token sees only earlier tokens of its own sample, and the last token of
+        # a sample does not learn to predict the next sample's first token.
+        loss_mask &= (torch.roll(segments, -1, dims=1) == segments) & (segments > 0)
+        attention_mask = _segment_mask(segments)
+    elif padding is not None and not bool(padding.all()):
         loss_mask &= torch.roll(padding.bool(), -1, dims=1)
         attention_mask = _causal_padding_mask(padding.bool())
     position_ids = batch.get("position_ids")
@@ -275,6 +286,15 @@ def _causal_padding_mask(valid: Tensor) -> Tensor:
     allowed = causal & valid[:, None, None, :]
     # A padding query that may see nothing would give NaN; let every token see itself.
     allowed |= torch.eye(s, dtype=torch.bool, device=valid.device)
+    return ~allowed
+
+
+def _segment_mask(segments: Tensor) -> Tensor:
+    """``[b, 1, s, s]`` block-diagonal causal mask of packed samples (True = not allowed)."""
+    s = segments.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (segments[:, None, :, None] == segments[:, None, None, :])
+    allowed |= torch.eye(s, dtype=torch.bool, device=segments.device)
     return ~allowed
 
 

@@ -1,0 +1,152 @@
+"""``SFTDataModule``: chat/instruction files -> tokenized, optionally packed, training batches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lightning_megatron.data.sft import (
+    DataFormatError,
+    LossOn,
+    Stats,
+    Truncation,
+    pack,
+    render,
+    sample_sources,
+    to_messages,
+    truncate,
+    use_template,
+)
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` pairs from a ``.jsonl`` or ``.json`` file; ``where`` is ``file:line``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataFormatError(f"{path}: cannot read ({error})") from error
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from error
+        return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{path}:{number}: invalid JSON ({error.msg})") from error
+    return out
+
+
+def parse_source(source: str) -> tuple[str, int | None]:
+    """``"data.jsonl#500"`` -> ``("data.jsonl", 500)`` (Megatron-SWIFT's sampling syntax)."""
+    path, _, count = source.partition("#")
+    if count and not count.isdigit():
+        raise ValueError(f"{source!r}: the part after '#' must be a sample count, e.g. data.jsonl#500")
+    return path, int(count) if count else None
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Supervised fine-tuning data for :class:`~lightning_megatron.GPTModule`.
+
+    Args:
+        sources: files (``.jsonl``/``.json``), each optionally ``path#N`` to take N samples.
+        tokenizer: a transformers tokenizer; its chat template renders the rows.
+        max_length: tokens per sample (and per packed row).
+        template: ``"chatml"``/``"llama3"`` or a Jinja string, for tokenizers without a template.
+        loss_on: ``"assistant"`` (default), ``"all"`` tokens or the ``"last"`` assistant turn.
+        truncation: rows over ``max_length``: ``"error"``, ``"drop"``, ``"truncate_left"``/``"right"``.
+        packing: several samples per row, attention isolated between them.
+        split_dataset_ratio: fraction held out for validation (deterministic for ``seed``).
+        lenient: skip rows that match no format (counted and listed) instead of raising.
+    """
+
+    def __init__(self, sources: Sequence[str], tokenizer: Any, max_length: int = 2048, template: str | None = None,
+                 loss_on: LossOn = "assistant", truncation: Truncation = "error", packing: bool = False,
+                 split_dataset_ratio: float = 0.0, batch_size: int = 8, seed: int = 42, lenient: bool = False,
+                 pad_to_multiple_of: int = 8) -> None:
+        super().__init__()
+        self.sources, self.tokenizer, self.max_length = list(sources), tokenizer, max_length
+        self.template, self.loss_on, self.truncation, self.packing = template, loss_on, truncation, packing
+        self.split_dataset_ratio, self.batch_size, self.seed, self.lenient = split_dataset_ratio, batch_size, seed, lenient
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.stats = Stats()
+        self.train: list[dict[str, torch.Tensor]] = []
+        self.val: list[dict[str, torch.Tensor]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train:
+            return
+        use_template(self.tokenizer, self.template)
+        loaded = []
+        for source in self.sources:
+            path, count = parse_source(source)
+            loaded.append((path, read_rows(path), count))
+        rows = sample_sources(loaded, self.seed)
+        held_out = int(round(len(rows) * self.split_dataset_ratio))
+        val_rows, train_rows = rows[:held_out], rows[held_out:]
+        self.train = self._rows_to_samples(train_rows, pack_rows=self.packing)
+        self.val = self._rows_to_samples(val_rows, pack_rows=self.packing)
+        s = self.stats
+        rank_zero_info(f"SFT data: {s.rows} rows, {s.kept} kept, {s.truncated} truncated, "
+                       f"{s.dropped_too_long} dropped (too long), {len(s.skipped_bad)} skipped (bad); "
+                       f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}")
+
+    def _rows_to_samples(self, rows: list[tuple[str, dict[str, Any]]], pack_rows: bool) -> list[dict[str, torch.Tensor]]:
+        samples = []
+        for where, row in rows:
+            self.stats.rows += 1
+            try:
+                ids, labels = render(to_messages(row, where), self.tokenizer, self.loss_on)
+                kept = truncate(ids, labels, self.max_length, self.truncation, where, self.stats)
+            except DataFormatError as error:
+                if not self.lenient or "max_length" in str(error):
+                    raise
+                self.stats.skipped_bad.append(str(error))
+                continue
+            if kept is not None:
+                self.stats.kept += 1
+                samples.append(kept)
+        if pack_rows:
+            return pack(samples, self.max_length, self.tokenizer.pad_token_id or 0)
+        return [{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)} for ids, labels in samples]
+
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Pad to the longest row (rounded up to ``pad_to_multiple_of``, for SP/CP)."""
+        longest = max(row["input_ids"].shape[0] for row in rows)
+        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad = self.tokenizer.pad_token_id or 0
+        batch: dict[str, list[torch.Tensor]] = {}
+        for row in rows:
+            extra = length - row["input_ids"].shape[0]
+            for key, value in row.items():
+                fill = {"input_ids": pad, "labels": -100}.get(key, 0)
+                batch.setdefault(key, []).append(torch.cat([value, value.new_full((extra,), fill)]))
+            if "segment_ids" not in row:
+                mask = torch.cat([torch.ones(row["input_ids"].shape[0], dtype=torch.long),
+                                  torch.zeros(extra, dtype=torch.long)])
+                batch.setdefault("attention_mask", []).append(mask)
+        return {key: torch.stack(values) for key, values in batch.items()}
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          collate_fn=self.collate, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collate)
+
+
+__all__ = ["SFTDataModule", "parse_source", "read_rows"]

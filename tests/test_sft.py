@@ -1,0 +1,181 @@
+"""SFT data: formats, templates and loss masks, sampling and splits, packing, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
+from lightning_megatron.data.sft import (
+    BUILTIN_TEMPLATES,
+    DataFormatError,
+    Stats,
+    pack,
+    render,
+    sample_sources,
+    to_messages,
+    truncate,
+)
+from lightning_megatron.data.sft_datamodule import SFTDataModule
+from lightning_megatron.data.text import bundled_corpus
+from lightning_megatron.data.tokenizer import train_tokenizer
+
+EXPECTED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([bundled_corpus()[:60000]], vocab_size=512)
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": EXPECTED},
+    {"system": "Be brief.", "messages": EXPECTED[1:]},
+    {"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+    {"system": "Be brief.", "instruction": "2+2?", "output": "4"},
+    {"system": "Be brief.", "query": "2+2?", "response": "4"},
+], ids=["messages", "messages+system", "sharegpt", "alpaca", "query-response"])
+def test_formats_normalize_to_messages(row):
+    assert to_messages(row) == EXPECTED
+
+
+def test_alpaca_input_and_query_history():
+    assert to_messages({"instruction": "Add", "input": "2 and 2", "output": "4"})[0]["content"] == "Add\n2 and 2"
+    history = to_messages({"query": "q2", "response": "r2", "history": [["q1", "r1"]]})
+    assert [m["content"] for m in history] == ["q1", "r1", "q2", "r2"]
+
+
+@pytest.mark.parametrize("template", sorted(BUILTIN_TEMPLATES))
+def test_assistant_mask_matches_transformers(tokenizer, template):
+    tokenizer.chat_template = BUILTIN_TEMPLATES[template]
+    messages = to_messages({"query": "second?", "response": "yes, second.", "history": [["first?", "first."]],
+                            "system": "sys"})
+    ids, labels = render(messages, tokenizer)
+    reference = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(reference["input_ids"])
+    assert [label != -100 for label in labels] == [bool(m) for m in reference["assistant_masks"]]
+    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
+
+
+def test_templates_without_generation_markers_mask_by_difference(tokenizer):
+    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"].replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    messages = to_messages({"query": "q", "response": "the answer", "history": [["q0", "r0"]]})
+    ids, labels = render(messages, tokenizer)
+    learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+    assert learned == "r0<|im_end|>\nthe answer<|im_end|>\n"  # the template's newline follows each turn
+    _, last = render(messages, tokenizer, loss_on="last")
+    assert tokenizer.decode([i for i, label in zip(ids, last) if label != -100]) == "the answer<|im_end|>\n"
+    _, everything = render(messages, tokenizer, loss_on="all")
+    assert everything == ids
+    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
+
+
+def test_truncation_policies():
+    ids, labels, stats = list(range(10)), list(range(10)), Stats()
+    assert truncate(ids, labels, 4, "truncate_left", "f:1", stats) == ([6, 7, 8, 9], [6, 7, 8, 9])
+    assert truncate(ids, labels, 4, "truncate_right", "f:2", stats) == ([0, 1, 2, 3], [0, 1, 2, 3])
+    assert truncate(ids, labels, 4, "drop", "f:3", stats) is None
+    assert (stats.truncated, stats.dropped_too_long) == (2, 1)
+    with pytest.raises(DataFormatError, match="f:4: 10 tokens exceed max_length=4"):
+        truncate(ids, labels, 4, "error", "f:4", stats)
+
+
+def test_sampling_with_and_without_replacement_is_deterministic():
+    a, b = list(range(10)), list(range(100, 103))
+    mixed = sample_sources([("a", a, 4), ("b", b, 7)], seed=1)
+    assert len(mixed) == 11 and mixed == sample_sources([("a", a, 4), ("b", b, 7)], seed=1)
+    assert len({x for x in mixed if x < 100}) == 4  # without replacement
+    counts = sorted([x for x in mixed if x >= 100].count(v) for v in b)
+    assert counts == [2, 2, 3]  # 7 from 3 rows: every row twice, one more drawn without replacement
+    assert mixed != sample_sources([("a", a, 4), ("b", b, 7)], seed=2)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def rows_of(n, prefix="q"):
+    return [{"query": f"{prefix}{i} what is it?", "response": f"answer number {i}."} for i in range(n)]
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", rows_of(20))
+
+    def split(seed):
+        dm = SFTDataModule([str(data)], tokenizer, max_length=64, split_dataset_ratio=0.25, seed=seed, batch_size=2)
+        dm.setup()
+        return [r["input_ids"].tolist() for r in dm.train], [r["input_ids"].tolist() for r in dm.val]
+
+    train, val = split(0)
+    assert len(val) == 5 and len(train) == 15 and not any(v in train for v in val)
+    assert split(0) == (train, val) and split(1) != (train, val)
+
+
+def test_packing_gives_each_sample_its_own_logits(tokenizer):
+    """A packed row's logits at each sample's positions equal that sample run alone."""
+    samples = [render(to_messages(r), tokenizer) for r in rows_of(3)]
+    (row,) = pack(samples, seq_length=sum(len(ids) for ids, _ in samples) + 5)
+    config = GPTConfig.preset("qwen2", vocab_size=len(tokenizer), num_layers=2, hidden_size=64, num_attention_heads=4,
+                              num_query_groups=2, ffn_hidden_size=128)
+    model = GPTModule(config)
+    trainer = L.Trainer(strategy=MegatronStrategy(), accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    packed = trainer.predict(model, DataLoader([row], batch_size=1))[0][0]
+    start = 0
+    for ids, _ in samples:
+        alone = trainer.predict(model, DataLoader([{"input_ids": torch.tensor(ids)}], batch_size=1))[0][0]
+        assert (packed[start:start + len(ids)] - alone).abs().max() < 1e-5
+        start += len(ids)
+    # Loss: boundaries and padding are masked, so the token count equals the samples' own.
+    from lightning_megatron.models.gpt import prepare_inputs
+
+    packed_tokens = prepare_inputs({k: v[None] for k, v in row.items()})["loss_mask"].sum()
+    alone_tokens = sum(prepare_inputs({"input_ids": torch.tensor([i]), "labels": torch.tensor([lab])})["loss_mask"].sum()
+                       for i, lab in samples)
+    assert packed_tokens == alone_tokens
+
+
+def test_sft_datamodule_trains_with_packing(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", rows_of(40))
+    dm = SFTDataModule([f"{data}#60"], tokenizer, max_length=96, packing=True, batch_size=2, split_dataset_ratio=0.1)
+    config = GPTConfig.preset("qwen2", vocab_size=len(tokenizer), num_layers=2, hidden_size=64, num_attention_heads=4,
+                              num_query_groups=2, ffn_hidden_size=128)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(strategy=MegatronStrategy(micro_batch_size=1), accelerator="cpu", devices=1, max_steps=8,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[Record()], limit_val_batches=1, val_check_interval=4)
+    trainer.fit(GPTModule(config, lr=3e-3), datamodule=dm)
+    assert dm.stats.rows == 60 and dm.stats.kept == 60 and "segment_ids" in dm.train[0]
+    assert losses[-1] < losses[0] and "val/loss" in trainer.callback_metrics
+
+
+def test_bad_input_names_file_and_line(tmp_path, tokenizer):
+    good = json.dumps(rows_of(1)[0])
+    cases = {
+        "bad-json": (good + "\n{not json\n", "bad-json.jsonl:2: invalid JSON"),
+        "no-format": (good + "\n" + json.dumps({"text": "hello"}) + "\n", r"no-format.jsonl:2: row has keys \['text'\]"),
+        "empty-answer": (json.dumps({"query": "q", "response": " "}) + "\n", "empty-answer.jsonl:1: an assistant turn is empty"),
+        "too-long": (json.dumps({"query": "q " * 200, "response": "r"}) + "\n", "too-long.jsonl:1: .* exceed max_length=64"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(text)
+        with pytest.raises(DataFormatError, match=message):
+            SFTDataModule([str(path)], tokenizer, max_length=64).setup()
+    with pytest.raises(DataFormatError, match="missing.jsonl: cannot read"):
+        SFTDataModule([str(tmp_path / "missing.jsonl")], tokenizer).setup()
+    # Lenient: the bad row is skipped and listed, never dropped silently.
+    lenient = SFTDataModule([str(tmp_path / "no-format.jsonl")], tokenizer, max_length=64, lenient=True)
+    lenient.setup()
+    assert lenient.stats.kept == 1 and len(lenient.stats.skipped_bad) == 1
