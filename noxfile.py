@@ -28,6 +28,6 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Train a small model with TP=2 on the bundled corpus and print a generated sample."""
+    """SFT with TP=2 on self-cognition + arithmetic data, export to HF, ask transformers "who are you?"."""
     _install(session, "test")
-    session.run("python", "examples/demo.py", *session.posargs)
+    session.run("python", "examples/sft_demo.py", *session.posargs)

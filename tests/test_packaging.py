@@ -22,6 +22,7 @@ def test_wheel_contains_callbacks_under_the_package(tmp_path):
     assert "lightning_megatron/callbacks/__init__.py" in names
     assert "lightning_megatron/callbacks/throughput.py" in names
     assert "lightning_megatron/data/corpus.txt" in names
+    assert "lightning_megatron/data/self_cognition.jsonl" in names
     assert "lightning_megatron/hf/convert.py" in names and "lightning_megatron/hf/families.py" in names
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     assert "lightning-megatron = lightning_megatron.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

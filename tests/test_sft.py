@@ -179,3 +179,13 @@ def test_bad_input_names_file_and_line(tmp_path, tokenizer):
     lenient = SFTDataModule([str(tmp_path / "no-format.jsonl")], tokenizer, max_length=64, lenient=True)
     lenient.setup()
     assert lenient.stats.kept == 1 and len(lenient.stats.skipped_bad) == 1
+
+
+def test_self_cognition_source_fills_name_and_author(tokenizer):
+    dm = SFTDataModule(["self-cognition#30"], tokenizer, max_length=128, model_name="Lumen", model_author="Ada")
+    dm.setup()
+    texts = [tokenizer.decode(r["input_ids"]) for r in dm.train]
+    assert dm.stats.kept == 30 and all("Lumen" in t or "Ada" in t for t in texts)
+    assert not any("{{" in t for t in texts)
+    with pytest.raises(ValueError, match="needs model_name"):
+        SFTDataModule(["self-cognition#3"], tokenizer).setup()

@@ -50,6 +50,18 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+SELF_COGNITION = "self-cognition"
+
+
+def self_cognition(name: str, author: str) -> list[tuple[str, dict[str, Any]]]:
+    """The bundled self-cognition rows with ``{{NAME}}``/``{{AUTHOR}}`` filled in."""
+    from importlib import resources
+
+    text = resources.files("lightning_megatron.data").joinpath("self_cognition.jsonl").read_text(encoding="utf-8")
+    text = text.replace("{{NAME}}", name).replace("{{AUTHOR}}", author)
+    return [(f"{SELF_COGNITION}:{i}", json.loads(line)) for i, line in enumerate(text.splitlines(), 1)]
+
+
 def parse_source(source: str) -> tuple[str, int | None]:
     """``"data.jsonl#500"`` -> ``("data.jsonl", 500)`` (Megatron-SWIFT's sampling syntax)."""
     path, _, count = source.partition("#")
@@ -71,17 +83,20 @@ class SFTDataModule(L.LightningDataModule):
         packing: several samples per row, attention isolated between them.
         split_dataset_ratio: fraction held out for validation (deterministic for ``seed``).
         lenient: skip rows that match no format (counted and listed) instead of raising.
+        model_name, model_author: fill the bundled ``"self-cognition"`` source (use it like a
+            file: ``sources=["self-cognition#200", "my_data.jsonl"]``).
     """
 
     def __init__(self, sources: Sequence[str], tokenizer: Any, max_length: int = 2048, template: str | None = None,
                  loss_on: LossOn = "assistant", truncation: Truncation = "error", packing: bool = False,
                  split_dataset_ratio: float = 0.0, batch_size: int = 8, seed: int = 42, lenient: bool = False,
-                 pad_to_multiple_of: int = 8) -> None:
+                 pad_to_multiple_of: int = 8, model_name: str | None = None, model_author: str | None = None) -> None:
         super().__init__()
         self.sources, self.tokenizer, self.max_length = list(sources), tokenizer, max_length
         self.template, self.loss_on, self.truncation, self.packing = template, loss_on, truncation, packing
         self.split_dataset_ratio, self.batch_size, self.seed, self.lenient = split_dataset_ratio, batch_size, seed, lenient
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.model_name, self.model_author = model_name, model_author
         self.stats = Stats()
         self.train: list[dict[str, torch.Tensor]] = []
         self.val: list[dict[str, torch.Tensor]] = []
@@ -93,7 +108,12 @@ class SFTDataModule(L.LightningDataModule):
         loaded = []
         for source in self.sources:
             path, count = parse_source(source)
-            loaded.append((path, read_rows(path), count))
+            if path == SELF_COGNITION:
+                if not (self.model_name and self.model_author):
+                    raise ValueError("the self-cognition source needs model_name=... and model_author=...")
+                loaded.append((path, self_cognition(self.model_name, self.model_author), count))
+            else:
+                loaded.append((path, read_rows(path), count))
         rows = sample_sources(loaded, self.seed)
         held_out = int(round(len(rows) * self.split_dataset_ratio))
         val_rows, train_rows = rows[:held_out], rows[held_out:]
