@@ -189,3 +189,46 @@ def test_self_cognition_source_fills_name_and_author(tokenizer):
     assert not any("{{" in t for t in texts)
     with pytest.raises(ValueError, match="needs model_name"):
         SFTDataModule(["self-cognition#3"], tokenizer).setup()
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "rejected_response": "5"},
+    {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+     "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]},
+    {"query": "2+2?", "response": "4", "rejected_response": "5"},
+], ids=["prompt-chosen-rejected", "swift-messages", "conversation-pairs", "query-response"])
+def test_preference_formats(row, tokenizer):
+    from lightning_megatron.data.sft import render_preference, to_preference
+
+    assert to_preference(row) == ([{"role": "user", "content": "2+2?"}], "4", "5")
+    pair = render_preference(row, tokenizer)
+    learned = {k: tokenizer.decode([i for i, lab in zip(pair[f"{k}_input_ids"], pair[f"{k}_labels"]) if lab != -100])
+               for k in ("chosen", "rejected")}
+    assert learned == {"chosen": "4<|im_end|>", "rejected": "5<|im_end|>"}
+
+
+def test_bad_preference_rows():
+    from lightning_megatron.data.sft import to_preference
+
+    with pytest.raises(DataFormatError, match="f:3: the rejected answer is empty"):
+        to_preference({"prompt": "q", "chosen": "a", "rejected": ""}, "f:3")
+    with pytest.raises(DataFormatError, match="differ before the last turn"):
+        to_preference({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                       "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]})
+    with pytest.raises(DataFormatError, match="matching no preference format"):
+        to_preference({"text": "x"})
+
+
+def test_preference_datamodule_batches(tmp_path, tokenizer):
+    from lightning_megatron.data.sft_datamodule import PreferenceDataModule
+
+    rows = [{"prompt": f"q{i}?", "chosen": f"good answer {i}", "rejected": "bad"} for i in range(6)]
+    rows.append({"prompt": "q?", "chosen": "x " * 100, "rejected": "y"})  # too long: dropped and counted
+    dm = PreferenceDataModule([str(write_jsonl(tmp_path / "p.jsonl", rows))], tokenizer, max_length=32,
+                              truncation="drop", batch_size=3)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.stats.kept == 6 and dm.stats.dropped_too_long == 1
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape == batch["rejected_labels"].shape
+    assert batch["chosen_input_ids"].shape[0] == 3 and batch["chosen_input_ids"].shape[1] % 8 == 0

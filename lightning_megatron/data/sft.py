@@ -221,3 +221,48 @@ def pack(samples: Iterable[tuple[list[int], list[int]]], seq_length: int, pad_id
         used += len(ids)
     flush()
     return rows
+
+
+# ------------------------------------------------------------------------------ preference data
+def to_preference(row: dict[str, Any], where: str = "row") -> tuple[list[dict[str, str]], str, str]:
+    """``(prompt messages, chosen answer, rejected answer)`` from the common preference shapes:
+
+    - ``{"prompt": str or messages, "chosen": str, "rejected": str}``
+    - ``{"messages": [..., {"role": "assistant", <chosen>}], "rejected_response": str}`` (Megatron-SWIFT)
+    - ``{"chosen": messages, "rejected": messages}`` sharing the prompt turns (HH-RLHF style)
+    - any SFT shape (see :func:`to_messages`) plus ``"rejected_response"``
+    """
+    if isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        chosen, rejected = (to_messages({"messages": row[k], "system": row.get("system")}, where) for k in ("chosen", "rejected"))
+        if chosen[:-1] != rejected[:-1]:
+            raise DataFormatError(f"{where}: 'chosen' and 'rejected' conversations differ before the last turn")
+        prompt, good, bad = chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+    elif "prompt" in row and "chosen" in row and "rejected" in row:
+        prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+        if row.get("system"):
+            prompt = [{"role": "system", "content": row["system"]}, *prompt]
+        good, bad = row["chosen"], row["rejected"]
+    elif "rejected_response" in row:
+        messages = to_messages(row, where)
+        prompt, good, bad = messages[:-1], messages[-1]["content"], row["rejected_response"]
+    else:
+        raise DataFormatError(
+            f"{where}: row has keys {sorted(row)}, matching no preference format; expected "
+            "'prompt'+'chosen'+'rejected', 'chosen'/'rejected' conversations, or an SFT row with 'rejected_response'"
+        )
+    if not prompt or prompt[-1]["role"] != "user":
+        raise DataFormatError(f"{where}: the prompt must end with a user turn")
+    for name, answer in (("chosen", good), ("rejected", bad)):
+        if not (answer or "").strip():
+            raise DataFormatError(f"{where}: the {name} answer is empty")
+    return prompt, good, bad
+
+
+def render_preference(row: dict[str, Any], tokenizer: Any, where: str = "row") -> dict[str, list[int]]:
+    """Token ids and labels of the chosen and rejected conversations (loss on the answer only)."""
+    prompt, good, bad = to_preference(row, where)
+    out: dict[str, list[int]] = {}
+    for name, answer in (("chosen", good), ("rejected", bad)):
+        ids, labels = render([*prompt, {"role": "assistant", "content": answer}], tokenizer, loss_on="last")
+        out[f"{name}_input_ids"], out[f"{name}_labels"] = ids, labels
+    return out

@@ -169,4 +169,58 @@ class SFTDataModule(L.LightningDataModule):
         return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collate)
 
 
-__all__ = ["SFTDataModule", "parse_source", "read_rows"]
+
+class PreferenceDataModule(SFTDataModule):
+    """Preference pairs (``chosen``/``rejected``, see :func:`~lightning_megatron.data.sft.to_preference`)
+    for DPO: each batch holds ``chosen_*`` and ``rejected_*`` ids and labels padded to one length.
+    Rows over ``max_length`` follow ``truncation`` (either side too long counts once)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.packing:
+            raise ValueError("packing=True is not supported for preference pairs; use packing=False")
+
+    def _rows_to_samples(self, rows, pack_rows):  # noqa: ANN001 - same contract as the parent
+        from lightning_megatron.data.sft import render_preference
+
+        samples = []
+        for where, row in rows:
+            self.stats.rows += 1
+            try:
+                pair = render_preference(row, self.tokenizer, where)
+                kept = {}
+                for side in ("chosen", "rejected"):
+                    cut = truncate(pair[f"{side}_input_ids"], pair[f"{side}_labels"], self.max_length,
+                                   self.truncation, where, Stats())
+                    if cut is None:
+                        break
+                    kept[f"{side}_input_ids"], kept[f"{side}_labels"] = (torch.tensor(x) for x in cut)
+            except DataFormatError as error:
+                if not self.lenient or "max_length" in str(error):
+                    raise
+                self.stats.skipped_bad.append(str(error))
+                continue
+            if len(kept) < 4:
+                self.stats.dropped_too_long += 1
+                continue
+            self.stats.kept += 1
+            samples.append(kept)
+        return samples
+
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(row[key].shape[0] for row in rows for key in row)
+        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad = self.tokenizer.pad_token_id or 0
+        batch: dict[str, list[torch.Tensor]] = {}
+        for row in rows:
+            for side in ("chosen", "rejected"):
+                ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+                extra = length - ids.shape[0]
+                batch.setdefault(f"{side}_input_ids", []).append(torch.cat([ids, ids.new_full((extra,), pad)]))
+                batch.setdefault(f"{side}_labels", []).append(torch.cat([labels, labels.new_full((extra,), -100)]))
+                mask = torch.cat([torch.ones(ids.shape[0], dtype=torch.long), torch.zeros(extra, dtype=torch.long)])
+                batch.setdefault(f"{side}_attention_mask", []).append(mask)
+        return {key: torch.stack(values) for key, values in batch.items()}
+
+
+__all__ = ["PreferenceDataModule", "SFTDataModule", "parse_source", "read_rows"]
