@@ -232,3 +232,28 @@ def test_preference_datamodule_batches(tmp_path, tokenizer):
     assert dm.stats.kept == 6 and dm.stats.dropped_too_long == 1
     assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape == batch["rejected_labels"].shape
     assert batch["chosen_input_ids"].shape[0] == 3 and batch["chosen_input_ids"].shape[1] % 8 == 0
+
+
+def test_pretrain_datamodule_reads_txt_jsonl_parquet_and_datasets(tmp_path):
+    import datasets
+
+    from lightning_megatron.data.pretrain import PretrainDataModule
+    from lightning_megatron.data.text import ByteTokenizer
+
+    docs = [f"document number {i} " * 5 for i in range(20)]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:10]))
+    write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in docs[10:]])
+    datasets.Dataset.from_dict({"text": docs[10:]}).to_parquet(tmp_path / "c.parquet")
+    files = PretrainDataModule([tmp_path / "a.txt", tmp_path / "b.jsonl"], ByteTokenizer(), seq_length=32,
+                               split_dataset_ratio=0.2)
+    files.setup()
+    expected = sum(len(d.encode()) + 1 for d in docs) // 32
+    assert len(files.train) + len(files.val) == expected and len(files.val) == round(expected * 0.2)
+    parquet = PretrainDataModule([tmp_path / "c.parquet"], ByteTokenizer(), seq_length=32)
+    in_memory = PretrainDataModule(datasets.Dataset.from_dict({"text": docs[10:]}), ByteTokenizer(), seq_length=32)
+    parquet.setup()
+    in_memory.setup()
+    assert [r["input_ids"].tolist() for r in parquet.train] == [r["input_ids"].tolist() for r in in_memory.train]
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"body": "no text"}])
+    with pytest.raises(DataFormatError, match="bad.jsonl:2: no 'text' field"):
+        PretrainDataModule([tmp_path / "bad.jsonl"], ByteTokenizer(), seq_length=4).setup()
