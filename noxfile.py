@@ -31,3 +31,12 @@ def demo(session: nox.Session) -> None:
     """SFT with TP=2 on self-cognition + arithmetic data, export to HF, ask transformers "who are you?"."""
     _install(session, "test")
     session.run("python", "examples/sft_demo.py", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting (configured in pyproject.toml)."""
+    session.install("ruff>=0.6")
+    paths = ["lightning_megatron", "callbacks", "tests", "benchmarks", "examples", "noxfile.py"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)

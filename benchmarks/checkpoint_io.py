@@ -24,8 +24,15 @@ from torch.utils.data import DataLoader
 
 from lightning_megatron import GPTConfig, GPTModule, MegatronCheckpointIO, MegatronStrategy
 
-SHAPE = dict(vocab_size=32000, num_layers=28, hidden_size=2048, num_attention_heads=16, num_query_groups=8,
-             ffn_hidden_size=5632, tie_word_embeddings=False)
+SHAPE = dict(
+    vocab_size=32000,
+    num_layers=28,
+    hidden_size=2048,
+    num_attention_heads=16,
+    num_query_groups=8,
+    ffn_hidden_size=5632,
+    tie_word_embeddings=False,
+)
 
 
 def disk_speed(directory: Path, gib: float = 4.0) -> dict[str, float]:
@@ -102,16 +109,30 @@ class SaveAt(L.Callback):
             shutil.rmtree(path)  # the disk holds about three checkpoints of this size
 
 
-def run(out: Path, steps: int, async_save: bool, ckpt_path: Path | None = None, save_to: Path | None = None,
-        optim_format: str = "dp_reshardable"):
+def run(
+    out: Path,
+    steps: int,
+    async_save: bool,
+    ckpt_path: Path | None = None,
+    save_to: Path | None = None,
+    optim_format: str = "dp_reshardable",
+):
     torch.manual_seed(0)
     rows = torch.randint(0, 32000, (4 * (steps + 1), 2048))
     data = DataLoader([{"input_ids": r, "labels": r} for r in rows], batch_size=4)
     saver = SaveAt(save_to, keep_first=not async_save) if save_to else None
     trainer = L.Trainer(
-        strategy=TimedStrategy(micro_batch_size=2, checkpoint_io=MegatronCheckpointIO(async_save=async_save, optim_format=optim_format)),
-        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps + 1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        strategy=TimedStrategy(
+            micro_batch_size=2, checkpoint_io=MegatronCheckpointIO(async_save=async_save, optim_format=optim_format)
+        ),
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=steps + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[saver] if saver else [],
     )
     model = GPTModule(GPTConfig.preset("llama", **SHAPE), lr=1e-4)
@@ -151,8 +172,9 @@ def main() -> None:
     print(json.dumps({"limits": limits}), flush=True)
     rows = []
     for name in PHASES:
-        proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--phase", name],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--out", str(args.out), "--phase", name], capture_output=True, text=True
+        )
         lines = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
         rows.append(json.loads(lines[-1]) if lines else {"what": name, "error": proc.stderr[-300:]})
         print(json.dumps(rows[-1]), flush=True)
@@ -161,14 +183,20 @@ def main() -> None:
         if "error" in row:
             print(f"| {row['what']} | {row['error'][:60]} | | | |")
         elif "load_s" in row:
-            print(f"| {row['what']} | {row['GiB']:.1f} | {row['load_s']:.1f} | {row['load_s']:.1f} | {row['GiBps']:.2f} |")
+            print(
+                f"| {row['what']} | {row['GiB']:.1f} | {row['load_s']:.1f} | {row['load_s']:.1f} | {row['GiBps']:.2f} |"
+            )
         else:
             for key, label in (("save1", "first in process"), ("save2", "steady state")):
                 m = row[key]
-                print(f"| {row['what']}, {label} | {m['GiB']:.1f} | {m['blocking_s']:.1f} | {m['total_s']:.1f} "
-                      f"| {m['GiB'] / m['total_s']:.2f} |")
-    print(f"\nlimits: disk write {limits['disk_write_GiBps']:.2f} GiB/s (fsync), disk read {limits['disk_read_GiBps']:.2f} GiB/s, "
-          f"device-to-host {limits['d2h_GiBps']:.1f} GiB/s")
+                print(
+                    f"| {row['what']}, {label} | {m['GiB']:.1f} | {m['blocking_s']:.1f} | {m['total_s']:.1f} "
+                    f"| {m['GiB'] / m['total_s']:.2f} |"
+                )
+    print(
+        f"\nlimits: disk write {limits['disk_write_GiBps']:.2f} GiB/s (fsync), "
+        f"disk read {limits['disk_read_GiBps']:.2f} GiB/s, device-to-host {limits['d2h_GiBps']:.1f} GiB/s"
+    )
     shutil.rmtree(args.out, ignore_errors=True)
 
 

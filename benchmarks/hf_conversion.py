@@ -18,8 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-             num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False)
+SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
 
 
 def make_model(directory: Path) -> None:
@@ -59,13 +66,20 @@ def main() -> None:
         "to_hf": measured([*cli, "--to-hf", "--load", str(mcore), "--output", str(back)]),
     }
     shard = max(p.stat().st_size for p in hf.glob("*.safetensors")) / (1 << 30)
-    sizes = {"hf_GiB": size_gib(hf), "largest_hf_shard_GiB": shard, "mcore_GiB": size_gib(mcore), "hf_back_GiB": size_gib(back)}
+    sizes = {
+        "hf_GiB": size_gib(hf),
+        "largest_hf_shard_GiB": shard,
+        "mcore_GiB": size_gib(mcore),
+        "hf_back_GiB": size_gib(back),
+    }
     print(json.dumps({"shape": SHAPE, **rows, **sizes}))
     print("\n| step | seconds | peak RSS GiB |\n|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['seconds']:.1f} | {row['peak_rss_GiB']:.2f} |")
-    print(f"\nsizes: HF {sizes['hf_GiB']:.2f} GiB (largest shard {shard:.2f}), torch_dist {sizes['mcore_GiB']:.2f} GiB, "
-          f"exported HF {sizes['hf_back_GiB']:.2f} GiB")
+    print(
+        f"\nsizes: HF {sizes['hf_GiB']:.2f} GiB (largest shard {shard:.2f}), torch_dist {sizes['mcore_GiB']:.2f} GiB, "
+        f"exported HF {sizes['hf_back_GiB']:.2f} GiB"
+    )
     shutil.rmtree(args.out, ignore_errors=True)
 
 

@@ -13,10 +13,10 @@ import warnings
 
 import lightning as L
 import torch
+from lightning_megatron.callbacks import ThroughputMonitor
 from torch.utils.data import DataLoader
 
 from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
-from lightning_megatron.callbacks import ThroughputMonitor
 from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_corpus
 
 
@@ -30,8 +30,10 @@ class PrintSample(L.Callback):
         ids = torch.tensor([self.tokenizer.encode(self.prompt)], device=module.device)
         out = module.generate(ids, max_new_tokens=self.max_new_tokens, temperature=0.7, top_k=20)
         if trainer.is_global_zero:
-            print(f"\n--- sample after {trainer.global_step} steps ---\n"
-                  f"{self.tokenizer.decode(out[0].tolist())}\n---", flush=True)
+            print(
+                f"\n--- sample after {trainer.global_step} steps ---\n{self.tokenizer.decode(out[0].tolist())}\n---",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -47,8 +49,14 @@ def main() -> None:
     data = TokenBlocks.from_text(bundled_corpus(), tokenizer, args.seq_length)
     loader = DataLoader(data, batch_size=8, shuffle=True, drop_last=True)
     config = GPTConfig.preset(
-        "qwen2", vocab_size=tokenizer.vocab_size, num_layers=4, hidden_size=128,
-        num_attention_heads=4, num_query_groups=2, ffn_hidden_size=384, tie_word_embeddings=False,
+        "qwen2",
+        vocab_size=tokenizer.vocab_size,
+        num_layers=4,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=384,
+        tie_word_embeddings=False,
     )
     model = GPTModule(config, lr=3e-3, warmup_steps=5)
     gpus = torch.cuda.device_count()

@@ -58,11 +58,12 @@ def ask(hf_dir: Path) -> None:
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     print(f"\n--- transformers, loading {hf_dir} ---")
     for question in QUESTIONS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=end, pad_token_id=end)
-        print(f"Q: {question}\nA: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
+        print(f"Q: {question}\nA: {tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()}")
 
 
 def main() -> None:
@@ -80,17 +81,38 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.out / "tokenizer")
-    data = SFTDataModule(["self-cognition#300", f"{args.out / 'general.jsonl'}#300"], tokenizer, max_length=256,
-                         packing=True, batch_size=8, model_name=args.name, model_author=args.author)
-    config = GPTConfig.preset("qwen2", vocab_size=len(tokenizer), num_layers=4, hidden_size=128, num_attention_heads=4,
-                              num_query_groups=2, ffn_hidden_size=384, tie_word_embeddings=False)
+    data = SFTDataModule(
+        ["self-cognition#300", f"{args.out / 'general.jsonl'}#300"],
+        tokenizer,
+        max_length=256,
+        packing=True,
+        batch_size=8,
+        model_name=args.name,
+        model_author=args.author,
+    )
+    config = GPTConfig.preset(
+        "qwen2",
+        vocab_size=len(tokenizer),
+        num_layers=4,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=384,
+        tie_word_embeddings=False,
+    )
     model = GPTModule(config, lr=3e-3, warmup_steps=10)
     gpus = torch.cuda.device_count()
     trainer = L.Trainer(
         strategy=MegatronStrategy(tp=2, micro_batch_size=4),
-        accelerator="gpu" if gpus >= 2 else "cpu", devices=2, precision="bf16-mixed" if gpus >= 2 else "32-true",
-        max_steps=args.max_steps, logger=False, log_every_n_steps=20,
-        callbacks=[ModelCheckpoint(dirpath=args.out / "checkpoints", save_last=True, every_n_train_steps=args.max_steps)],
+        accelerator="gpu" if gpus >= 2 else "cpu",
+        devices=2,
+        precision="bf16-mixed" if gpus >= 2 else "32-true",
+        max_steps=args.max_steps,
+        logger=False,
+        log_every_n_steps=20,
+        callbacks=[
+            ModelCheckpoint(dirpath=args.out / "checkpoints", save_last=True, every_n_train_steps=args.max_steps)
+        ],
     )
     trainer.fit(model, datamodule=data)
     rank = trainer.global_rank

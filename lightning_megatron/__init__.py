@@ -1,11 +1,11 @@
 """Megatron-Core training in PyTorch Lightning.
 
-    import lightning as L
-    from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
+import lightning as L
+from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
 
-    model = GPTModule(GPTConfig.preset("qwen2", num_layers=4, hidden_size=256), lr=3e-4)
-    trainer = L.Trainer(strategy=MegatronStrategy(tp=2), devices=2, max_steps=20)
-    trainer.fit(model, train_dataloaders=loader)
+model = GPTModule(GPTConfig.preset("qwen2", num_layers=4, hidden_size=256), lr=3e-4)
+trainer = L.Trainer(strategy=MegatronStrategy(tp=2), devices=2, max_steps=20)
+trainer.fit(model, train_dataloaders=loader)
 """
 
 from lightning_megatron._version import check_megatron_core

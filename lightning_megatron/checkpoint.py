@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from megatron.core import dist_checkpointing
-from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException  # a BaseException
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException  # a BaseException
 
 INFO_FILE = "lightning_megatron.json"
 OPTIM_FORMATS = ("dp_reshardable", "fully_reshardable")
@@ -225,7 +225,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if module.startswith(self.ALLOWED_MODULES) or (module, name) in self.ALLOWED or is_dtype:
             return super().find_class(module, name)
-        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which a torch_dist checkpoint never does")
+        raise CheckpointError(
+            f"checkpoint metadata refers to {module}.{name}, which a torch_dist checkpoint never does"
+        )
 
 
 def _check_pickled_metadata(metadata: Path) -> None:

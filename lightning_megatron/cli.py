@@ -3,6 +3,7 @@
     lightning-megatron export --to-mcore --model HF_DIR --output CKPT_DIR [--tp 2 --pp 2]
     lightning-megatron export --to-hf --load CKPT_DIR --output HF_DIR [--test-convert-precision]
     lightning-megatron check --model HF_DIR --load CKPT_DIR
+    lightning-megatron preprocess --input data.jsonl --output-prefix out/data --tokenizer TOKENIZER_DIR
 
 The flags follow Megatron-SWIFT's ``swift export``. ``--test-convert-precision`` (and ``check``)
 run the Hugging Face model and the Megatron checkpoint on the same prompt and fail when their
@@ -29,9 +30,16 @@ def _trainer(devices: int = 1, callbacks: list | None = None, precision: str = "
     from lightning_megatron import MegatronStrategy
 
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    return L.Trainer(strategy=MegatronStrategy(**strategy), accelerator=accelerator, devices=devices, logger=False,
-                     precision=precision,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [])
+    return L.Trainer(
+        strategy=MegatronStrategy(**strategy),
+        accelerator=accelerator,
+        devices=devices,
+        logger=False,
+        precision=precision,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks or [],
+    )
 
 
 def _batches(ids: torch.Tensor):
@@ -88,16 +96,21 @@ def compare(hf_dir: str | Path, checkpoint: str | Path) -> dict[str, float]:
     ours = _trainer().predict(GPTModule(config), _batches(ids), ckpt_path=str(checkpoint))[0]
     ours = ours[..., : config.vocab_size].float().cpu()
     diff = (ours - reference).abs()
-    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-            "top1_agreement": (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "top1_agreement": (ours.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+    }
 
 
 def check(hf_dir: str | Path, checkpoint: str | Path, tolerance: float) -> bool:
     result = compare(hf_dir, checkpoint)
     ok = result["max_abs_diff"] <= tolerance
-    print(f"precision check: max |diff| {result['max_abs_diff']:.3g}, mean |diff| {result['mean_abs_diff']:.3g}, "
-          f"top-1 agreement {result['top1_agreement']:.3f} (tolerance {tolerance:g}): {'OK' if ok else 'FAILED'}",
-          flush=True)
+    print(
+        f"precision check: max |diff| {result['max_abs_diff']:.3g}, mean |diff| {result['mean_abs_diff']:.3g}, "
+        f"top-1 agreement {result['top1_agreement']:.3f} (tolerance {tolerance:g}): {'OK' if ok else 'FAILED'}",
+        flush=True,
+    )
     return ok
 
 
@@ -116,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--ep", type=int, default=1)
     export.add_argument("--test-convert-precision", action="store_true")
     export.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| (default 1e-3)")
+    prep = commands.add_parser("preprocess", help="tokenize text/JSONL/parquet into Megatron .bin/.idx files")
+    prep.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl or .parquet files")
+    prep.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    prep.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer directory")
+    prep.add_argument("--text-field", default="text")
     verify = commands.add_parser("check", help="compare a HF model and a torch_dist checkpoint's logits")
     verify.add_argument("--model", required=True)
     verify.add_argument("--load", required=True)
@@ -125,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "check":
         return 0 if check(args.model, args.load, args.tolerance) else 1
+    if args.command == "preprocess":
+        from transformers import AutoTokenizer
+
+        from lightning_megatron.data.indexed import preprocess
+        from lightning_megatron.data.pretrain import read_documents
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        documents = (doc for path in args.input for doc in read_documents(path, args.text_field))
+        prefix = preprocess(documents, args.output_prefix, tokenizer)
+        print(f"wrote {prefix}.bin and {prefix}.idx", flush=True)
+        return 0
     if args.to_mcore:
         if not args.model:
             parser.error("--to-mcore needs --model HF_DIR")
@@ -141,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.to_mcore and args.tp * args.pp * args.ep > 1:
         if _is_rank_zero():
-            print(f"saved under {args.tp * args.pp * args.ep} ranks; check it in a new process with: "
-                  f"lightning-megatron check --model {hf_dir} --load {checkpoint}", flush=True)
+            print(
+                f"saved under {args.tp * args.pp * args.ep} ranks; check it in a new process with: "
+                f"lightning-megatron check --model {hf_dir} --load {checkpoint}",
+                flush=True,
+            )
         return 0
     return 0 if check(hf_dir, checkpoint, args.tolerance) else 1
 

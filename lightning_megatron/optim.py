@@ -156,7 +156,7 @@ class MegatronOptimizer(torch.optim.Optimizer):
         # groups and hands every parameter one *shared* step tensor on load (torch would then
         # increment it once per parameter), and its dp_reshardable loader can overwrite it with
         # the template's value. Give each parameter its own tensor holding the saved step.
-        for part, step in zip(parts, steps):
+        for part, step in zip(parts, steps, strict=True):
             for state in getattr(getattr(part, "optimizer", None), "state", {}).values():
                 if step is not None and isinstance(state.get("step"), torch.Tensor):
                     state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)

@@ -64,10 +64,12 @@ class ParallelConfig:
             )
         expert_world = self.ep * self.expert_tp * self.pp
         if world_size % expert_world:
+            per_stage = world_size // self.pp
+            choices = [d for d in _divisors(per_stage) if per_stage % (d * self.expert_tp) == 0]
             raise ValueError(
                 f"ep*etp*pp={self.ep}*{self.expert_tp}*{self.pp}={expert_world} does not divide the "
                 f"world size {world_size}; choose ep from "
-                f"{[d for d in _divisors(world_size // self.pp) if (world_size // self.pp) % (d * self.expert_tp) == 0]}"
+                f"{choices}"
             )
         if self.sp and self.tp == 1:
             raise ValueError("sp=True (sequence parallel) needs tp > 1; set tp >= 2 or sp=False")
@@ -87,10 +89,7 @@ class ParallelConfig:
             checks.append(("ep", self.ep, "num_experts", config.num_experts))
         for name, size, field, value in checks:
             if value % size:
-                raise ValueError(
-                    f"{name}={size} does not divide {field}={value}; "
-                    f"choose {name} in {_divisors(value)}"
-                )
+                raise ValueError(f"{name}={size} does not divide {field}={value}; choose {name} in {_divisors(value)}")
         stages = self.pp * (self.vpp or 1)
         if config.num_layers % stages:
             label = f"pp*vpp={self.pp}*{self.vpp}={stages}" if self.vpp else f"pp={self.pp}"

@@ -21,8 +21,12 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.precision import Precision
 
-SUPPORTED = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
-             "16-mixed": torch.float16}
+SUPPORTED = {
+    "32-true": torch.float32,
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16,
+}
 _ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 

@@ -24,13 +24,21 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
-from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt, _validate_scheduler_api
+from lightning.pytorch.core.optimizer import (
+    _configure_optimizers,
+    _configure_schedulers_automatic_opt,
+    _validate_scheduler_api,
+)
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.module import Float16Module
 from torch import Tensor
@@ -49,7 +57,6 @@ from lightning_megatron.optim import (
 from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.precision import MegatronPrecision
 from lightning_megatron.resume import ResumableLoader, rng_state, set_rng_state
-
 
 
 class MegatronStrategy(DDPStrategy):
@@ -407,16 +414,20 @@ class MegatronStrategy(DDPStrategy):
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         return self._optimizer_sharded_state_dict(optimizer, self.checkpoint_io.optim_format, is_loading=False)
 
-    def _optimizer_sharded_state_dict(self, optimizer: MegatronOptimizer, optim_format: str,
-                                      is_loading: bool) -> dict[str, Any]:
+    def _optimizer_sharded_state_dict(
+        self, optimizer: MegatronOptimizer, optim_format: str, is_loading: bool
+    ) -> dict[str, Any]:
         if is_loading:
             prime_optimizer_state(optimizer.megatron)
         state = optimizer.megatron.sharded_state_dict(
-            self._model_sharded_state_dict(), is_loading=is_loading,
+            self._model_sharded_state_dict(),
+            is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": optim_format},
         )
         # The Lightning-facing groups hold the scheduler's current lr; Megatron's are synced from them.
-        state["lightning_param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        state["lightning_param_groups"] = [
+            {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+        ]
         return state
 
     def _rng_sharded_object(self) -> ShardedObject:
@@ -433,8 +444,12 @@ class MegatronStrategy(DDPStrategy):
         config = getattr(self.lightning_module, "config", None)
         return {
             "format": FORMAT,
-            "versions": {"lightning_megatron": __version__, "megatron_core": version("megatron-core"),
-                         "torch": torch.__version__, "lightning": L.__version__},
+            "versions": {
+                "lightning_megatron": __version__,
+                "megatron_core": version("megatron-core"),
+                "torch": torch.__version__,
+                "lightning": L.__version__,
+            },
             "model_class": type(self.lightning_module).__qualname__,
             "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
             "hf_source": getattr(self.lightning_module.hparams, "hf_source", None),
@@ -489,7 +504,9 @@ class MegatronStrategy(DDPStrategy):
                     "MegatronCheckpointIO(no_load_optim=True) to load weights, scheduler and loop state"
                 )
             optim_format = info.get("optimizer_format", "dp_reshardable")
-            model_parallel = {k: v for k, v in info["layout"].items() if k not in ("world_size", "micro_batch_size", "sp")}
+            model_parallel = {
+                k: v for k, v in info["layout"].items() if k not in ("world_size", "micro_batch_size", "sp")
+            }
             here = {k: v for k, v in self._layout().items() if k in model_parallel}
             if optim_format == "dp_reshardable" and model_parallel != here:
                 raise CheckpointError(
@@ -516,9 +533,11 @@ class MegatronStrategy(DDPStrategy):
         if io.finetune:
             # Weights only: step 0, fresh optimizer, schedulers and loops (Lightning still expects
             # a scheduler entry, so hand back the fresh schedulers' own state).
-            return {"state_dict": loaded["state_dict"],
-                    "pytorch-lightning_version": loaded["pytorch-lightning_version"],
-                    "lr_schedulers": [c.scheduler.state_dict() for c in self.lr_scheduler_configs]}
+            return {
+                "state_dict": loaded["state_dict"],
+                "pytorch-lightning_version": loaded["pytorch-lightning_version"],
+                "lr_schedulers": [c.scheduler.state_dict() for c in self.lr_scheduler_configs],
+            }
         if fitting:
             self.consumed_samples = int(info.get("consumed_samples") or 0)
         return loaded
@@ -529,11 +548,15 @@ class MegatronStrategy(DDPStrategy):
         if saved is None or not hasattr(config, "to_dict"):
             return
         current = config.to_dict()
-        differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} here"
-                       for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        differences = [
+            f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} here"
+            for key in sorted(set(saved) | set(current))
+            if saved.get(key) != current.get(key)
+        ]
         if differences:
             raise CheckpointError(
-                f"checkpoint {path} is for a different model; " + "; ".join(differences)
+                f"checkpoint {path} is for a different model; "
+                + "; ".join(differences)
                 + ". Build the module with the checkpoint's config (its lightning_megatron.json has it)"
             )
 
@@ -541,7 +564,7 @@ class MegatronStrategy(DDPStrategy):
         state = checkpoint["state_dict"]
         chunks = self._bare_chunks or self.chunks
         names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        for name, chunk in zip(names, chunks):
+        for name, chunk in zip(names, chunks, strict=True):
             chunk.load_state_dict(state[name], strict=strict)
         if self.optimizers and not self._restore_optimizer:
             # 16-bit training keeps fp32 master weights in the optimizer: without a saved optimizer
@@ -553,7 +576,7 @@ class MegatronStrategy(DDPStrategy):
         state = dict(checkpoint["optimizer_states"][0])
         groups = state.pop("lightning_param_groups")
         optimizer = self.optimizers[0]
-        for group, saved in zip(optimizer.param_groups, groups):
+        for group, saved in zip(optimizer.param_groups, groups, strict=True):
             group.update(saved)
         optimizer.load_state_dict(state)
 

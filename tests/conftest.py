@@ -19,13 +19,17 @@ SCRIPTS = ROOT / "tests" / "scripts"
 def job_env(**extra: str) -> dict[str, str]:
     """Environment for a child job: without the rendezvous variables that in-process fits left
     behind (the parent still holds that MASTER_PORT)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
+    }
     return dict(env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
 
 
-def run_job(args: list[str], cwd: Path, timeout: int = 600, launcher: list[str] | None = None,
-            expect_returncode: int = 0) -> None:
+def run_job(
+    args: list[str], cwd: Path, timeout: int = 600, launcher: list[str] | None = None, expect_returncode: int = 0
+) -> None:
     """Run a test script (Lightning's own launcher starts the other ranks); fail with its log."""
     env = job_env()
     cmd = (launcher or [sys.executable]) + args
@@ -44,23 +48,54 @@ def run_like_srun(args: list[str], cwd: Path, ntasks: int, timeout: int = 600) -
     so Lightning's SLURMEnvironment (not its own launcher) wires up the ranks."""
     procs = []
     for rank in range(ntasks):
-        env = job_env(SLURM_JOB_NAME="train",
-                   SLURM_JOB_ID="4242", SLURM_NTASKS=str(ntasks), SLURM_NTASKS_PER_NODE=str(ntasks),
-                   SLURM_NNODES="1", SLURM_NODEID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-                   SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1")
-        procs.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = job_env(
+            SLURM_JOB_NAME="train",
+            SLURM_JOB_ID="4242",
+            SLURM_NTASKS=str(ntasks),
+            SLURM_NTASKS_PER_NODE=str(ntasks),
+            SLURM_NNODES="1",
+            SLURM_NODEID="0",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NODELIST="127.0.0.1",
+            MASTER_ADDR="127.0.0.1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
     logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
+    for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
         if proc.returncode != 0:
             pytest.fail(f"SLURM-style rank {rank} exited {proc.returncode}\n{log[-8000:]}")
 
 
-def train_layouts(tmp_path: Path, devices: int, model: str, layouts: list[str],
-                  accelerator: str = "cpu", extra: list[str] = (), srun: bool = False, **kwargs) -> dict:
+def train_layouts(
+    tmp_path: Path,
+    devices: int,
+    model: str,
+    layouts: list[str],
+    accelerator: str = "cpu",
+    extra: list[str] = (),
+    srun: bool = False,
+    **kwargs,
+) -> dict:
     out = tmp_path / f"{model}-{devices}.json"
-    args = [str(SCRIPTS / "train_layouts.py"), "--devices", str(devices), "--model", model,
-            "--layouts", *layouts, "--accelerator", accelerator, "--out", str(out), *extra]
+    args = [
+        str(SCRIPTS / "train_layouts.py"),
+        "--devices",
+        str(devices),
+        "--model",
+        model,
+        "--layouts",
+        *layouts,
+        "--accelerator",
+        accelerator,
+        "--out",
+        str(out),
+        *extra,
+    ]
     if srun:
         run_like_srun(args, cwd=tmp_path, ntasks=devices, **kwargs)
     else:

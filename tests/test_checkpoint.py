@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +17,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
-from lightning_megatron import CheckpointError, GPTConfig, GPTModule, MegatronCheckpointIO, MegatronStrategy, versioned_dir
+from lightning_megatron import (
+    CheckpointError,
+    GPTConfig,
+    GPTModule,
+    MegatronCheckpointIO,
+    MegatronStrategy,
+    versioned_dir,
+)
 from tests.conftest import SCRIPTS, run_job
 from tests.test_training import CONFIG, Losses, loader
 
@@ -31,9 +37,16 @@ def fit(steps, ckpt_path=None, callbacks=(), io=None, model=None, precision="32-
     """Train; return (per-step losses, trainer). 40 batches of 4: no epoch ends in these runs."""
     losses = Losses()
     trainer = L.Trainer(
-        strategy=MegatronStrategy(micro_batch_size=2, checkpoint_io=io), accelerator="cpu", devices=1,
-        max_steps=steps, precision=precision, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[losses, *callbacks], limit_val_batches=0,
+        strategy=MegatronStrategy(micro_batch_size=2, checkpoint_io=io),
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[losses, *callbacks],
+        limit_val_batches=0,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )
     trainer.fit(model or module(), loader(batch_size=4, chars=40000), ckpt_path=ckpt_path)
@@ -62,8 +75,12 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
     uninterrupted, _ = fit(8)
     first_half, _ = fit(4, callbacks=[every(root)])
-    return {"dir": root, "step4": root / "epoch=0-step=4.ckpt", "uninterrupted": uninterrupted,
-            "first_half": first_half}
+    return {
+        "dir": root,
+        "step4": root / "epoch=0-step=4.ckpt",
+        "uninterrupted": uninterrupted,
+        "first_half": first_half,
+    }
 
 
 def test_resume_is_exact(saved):
@@ -87,8 +104,9 @@ def test_checkpoint_directory_and_info(saved):
 
 
 def test_model_checkpoint_top_k_deletes_old_directories(tmp_path):
-    callback = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=2, monitor="train/loss",
-                               save_last=True, filename="{step}")
+    callback = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=1, save_top_k=2, monitor="train/loss", save_last=True, filename="{step}"
+    )
     losses, _ = fit(5, callbacks=[callback])
     kept = sorted(p.name for p in tmp_path.iterdir())
     best_two = sorted(range(5), key=lambda i: losses[i])[:2]
@@ -137,8 +155,15 @@ def test_finetune_loads_weights_only(saved):
 
 
 def test_validate_from_checkpoint(saved):
-    trainer = L.Trainer(strategy=MegatronStrategy(micro_batch_size=2), accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(micro_batch_size=2),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+    )
     from_checkpoint = trainer.validate(module(), loader(), ckpt_path=saved["step4"])[0]["val/loss"]
     fresh = trainer.validate(module(), loader())[0]["val/loss"]
     assert from_checkpoint < fresh - 0.3

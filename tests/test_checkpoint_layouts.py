@@ -24,8 +24,13 @@ def resumed_matches(run: dict, reference: dict, layout: str) -> None:
 def test_tp2_pp2_reshards_to_tp1_and_pp2(tmp_path, references):
     """Optimizer state saved in the fully reshardable format follows the weights to any layout."""
     saved = "tp2_pp2_fullyreshardable"
-    runs = train_layouts(tmp_path, 4, "dense", [saved, f"tp1@{saved}", f"tp1_pp2@{saved}", f"{saved}@{saved}"],
-                         extra=["--save-dir", str(tmp_path / "ckpt")])
+    runs = train_layouts(
+        tmp_path,
+        4,
+        "dense",
+        [saved, f"tp1@{saved}", f"tp1_pp2@{saved}", f"{saved}@{saved}"],
+        extra=["--save-dir", str(tmp_path / "ckpt")],
+    )
     assert runs[f"{saved}@{saved}"]["loss"] == runs[saved]["loss"][2:]  # exact resume
     for layout in (f"tp1@{saved}", f"tp1_pp2@{saved}"):
         resumed_matches(runs[layout], references["dense"], layout)

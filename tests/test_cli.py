@@ -14,8 +14,14 @@ from tests.hf_models import make_hf_model
 
 
 def cli(*args, cwd):
-    proc = subprocess.run([sys.executable, "-m", "lightning_megatron.cli", *map(str, args)], cwd=cwd, env=job_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_megatron.cli", *map(str, args)],
+        cwd=cwd,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -23,16 +29,18 @@ def cli(*args, cwd):
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     hf = make_hf_model("qwen2_moe", root / "hf")
-    code, log = cli("export", "--to-mcore", "--model", hf, "--output", root / "mcore", "--test-convert-precision",
-                    cwd=root)
+    code, log = cli(
+        "export", "--to-mcore", "--model", hf, "--output", root / "mcore", "--test-convert-precision", cwd=root
+    )
     assert code == 0 and "precision check" in log and ": OK" in log, log
     return root, hf
 
 
 def test_to_hf_with_precision_check(converted):
     root, _ = converted
-    code, log = cli("export", "--to-hf", "--load", root / "mcore", "--output", root / "back",
-                    "--test-convert-precision", cwd=root)
+    code, log = cli(
+        "export", "--to-hf", "--load", root / "mcore", "--output", root / "back", "--test-convert-precision", cwd=root
+    )
     assert code == 0 and ": OK" in log and "top-1 agreement 1.000" in log, log
     assert (root / "back" / "config.json").exists() and (root / "back" / "model.safetensors").exists()
 

@@ -7,8 +7,14 @@ import transformers
 
 from lightning_megatron import GPTConfig
 
-SMALL = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+SMALL = dict(
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 @pytest.mark.parametrize(
@@ -18,14 +24,29 @@ SMALL = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_l
         (transformers.Qwen2Config(**SMALL), dict(family="qwen2", add_qkv_bias=True)),
         (transformers.Qwen3Config(**SMALL, head_dim=32), dict(family="qwen3", qk_layernorm=True, kv_channels=32)),
         (transformers.MistralConfig(**SMALL), dict(family="mistral")),
-        (transformers.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
-         dict(family="mixtral", num_experts=4, moe_router_topk=2, moe_router_pre_softmax=False)),
-        (transformers.Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                     shared_expert_intermediate_size=64),
-         dict(family="qwen2_moe", moe_shared_expert_gate=True, moe_shared_expert_intermediate_size=64,
-              moe_router_pre_softmax=True)),
-        (transformers.Qwen3MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
-         dict(family="qwen3_moe", moe_ffn_hidden_size=32, num_experts=4)),
+        (
+            transformers.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
+            dict(family="mixtral", num_experts=4, moe_router_topk=2, moe_router_pre_softmax=False),
+        ),
+        (
+            transformers.Qwen2MoeConfig(
+                **SMALL,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=64,
+            ),
+            dict(
+                family="qwen2_moe",
+                moe_shared_expert_gate=True,
+                moe_shared_expert_intermediate_size=64,
+                moe_router_pre_softmax=True,
+            ),
+        ),
+        (
+            transformers.Qwen3MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+            dict(family="qwen3_moe", moe_ffn_hidden_size=32, num_experts=4),
+        ),
     ],
     ids=lambda v: getattr(v, "model_type", ""),
 )

@@ -7,16 +7,23 @@ import time
 import lightning as L
 import pytest
 import torch
+from lightning_megatron.callbacks import ThroughputMonitor, model_flops_per_token
 from torch.utils.data import DataLoader
 
 from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
-from lightning_megatron.callbacks import ThroughputMonitor, model_flops_per_token
 from tests.conftest import train_layouts
 
 pytestmark = pytest.mark.gpu
 
-ONE_B = dict(vocab_size=32000, num_layers=16, hidden_size=2048, num_attention_heads=16,
-             num_query_groups=8, ffn_hidden_size=5632, tie_word_embeddings=False)
+ONE_B = dict(
+    vocab_size=32000,
+    num_layers=16,
+    hidden_size=2048,
+    num_attention_heads=16,
+    num_query_groups=8,
+    ffn_hidden_size=5632,
+    tie_word_embeddings=False,
+)
 
 
 def test_bf16_one_billion_tp1_trains():
@@ -33,17 +40,27 @@ def test_bf16_one_billion_tp1_trains():
 
     config = GPTConfig.preset("llama", **ONE_B)
     model = GPTModule(config, lr=3e-4)
-    trainer = L.Trainer(strategy=MegatronStrategy(micro_batch_size=2), accelerator="gpu", devices=1,
-                        precision="bf16-mixed", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[monitor, Record()])
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(micro_batch_size=2),
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[monitor, Record()],
+    )
     start = time.perf_counter()
     trainer.fit(model, DataLoader(data, batch_size=global_batch))
     params = sum(p.numel() for p in model.parameters())
     last = monitor.history[-1]
-    print(f"\n1B bf16 TP1: params={params / 1e9:.2f}B losses={[round(x, 3) for x in losses]} "
-          f"tokens/s={last['perf/tokens_per_sec']:.0f} TFLOP/s={last['perf/tflops_per_device']:.0f} "
-          f"MFU={last.get('perf/mfu', float('nan')):.3f} peak={last['perf/peak_memory_gib']:.1f}GiB "
-          f"wall={time.perf_counter() - start:.0f}s flops/token={model_flops_per_token(config, seq):.3g}")
+    print(
+        f"\n1B bf16 TP1: params={params / 1e9:.2f}B losses={[round(x, 3) for x in losses]} "
+        f"tokens/s={last['perf/tokens_per_sec']:.0f} TFLOP/s={last['perf/tflops_per_device']:.0f} "
+        f"MFU={last.get('perf/mfu', float('nan')):.3f} peak={last['perf/peak_memory_gib']:.1f}GiB "
+        f"wall={time.perf_counter() - start:.0f}s flops/token={model_flops_per_token(config, seq):.3g}"
+    )
     assert 0.8e9 < params < 1.2e9
     assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
 
@@ -73,12 +90,29 @@ def test_gpu_resume_matches_uninterrupted(tmp_path):
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                 losses.append(float(outputs["loss"]))
 
-        config = GPTConfig.preset("qwen2", vocab_size=257, num_layers=2, hidden_size=256, num_attention_heads=4,
-                                  num_query_groups=2, ffn_hidden_size=512)
-        trainer = L.Trainer(strategy=MegatronStrategy(micro_batch_size=2), accelerator="gpu", devices=1,
-                            precision="bf16-mixed", max_steps=steps, logger=False, enable_progress_bar=False,
-                            enable_checkpointing=bool(callbacks), callbacks=[Record(), *callbacks])
-        trainer.fit(GPTModule(config, lr=1e-3, lr_decay="constant"), DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+        config = GPTConfig.preset(
+            "qwen2",
+            vocab_size=257,
+            num_layers=2,
+            hidden_size=256,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=512,
+        )
+        trainer = L.Trainer(
+            strategy=MegatronStrategy(micro_batch_size=2),
+            accelerator="gpu",
+            devices=1,
+            precision="bf16-mixed",
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=bool(callbacks),
+            callbacks=[Record(), *callbacks],
+        )
+        trainer.fit(
+            GPTModule(config, lr=1e-3, lr_decay="constant"), DataLoader(data, batch_size=8), ckpt_path=ckpt_path
+        )
         return losses
 
     uninterrupted = fit(4)

@@ -39,8 +39,14 @@ def rows(ids):
 
 
 def megatron_logits(module, ids=IDS):
-    trainer = L.Trainer(strategy=MegatronStrategy(), accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return trainer.predict(module, rows(ids))[0][..., :250]
 
 
@@ -56,9 +62,16 @@ def test_import_matches_transformers(family, hf_dirs):
 
 def save_unchanged(module, directory):
     """A torch_dist checkpoint of the imported weights (one step at lr 0 changes nothing)."""
-    trainer = L.Trainer(strategy=MegatronStrategy(), accelerator="cpu", devices=1, logger=False, max_steps=1,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ModelCheckpoint(dirpath=directory, every_n_train_steps=1)])
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        max_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=directory, every_n_train_steps=1)],
+    )
     trainer.fit(module, rows(IDS))
     return next(Path(directory).glob("*.ckpt"))
 
@@ -111,13 +124,42 @@ def test_import_under_tp2_pp2_ep2_and_export_after_training(hf_dirs, tmp_path):
 
     out = tmp_path / "logits.json"
     dense = [f"{f}={hf_dirs[f]}" for f in DENSE]
-    run_job([str(SCRIPTS / "hf_layouts.py"), "--devices", "2", "--models", *dense, "--layouts", "tp2", "pp2",
-             "--train-save", str(tmp_path / "ckpt"), "--out", str(out)], cwd=tmp_path)
+    run_job(
+        [
+            str(SCRIPTS / "hf_layouts.py"),
+            "--devices",
+            "2",
+            "--models",
+            *dense,
+            "--layouts",
+            "tp2",
+            "pp2",
+            "--train-save",
+            str(tmp_path / "ckpt"),
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
     results = json.loads(out.read_text())
     moe_out = tmp_path / "moe.json"
     moe = [f"{f}={hf_dirs[f]}" for f in MOE]
-    run_job([str(SCRIPTS / "hf_layouts.py"), "--devices", "2", "--models", *moe, "--layouts", "ep2", "tp2_ep2_etp1_sp", "pp2",
-             "--out", str(moe_out)], cwd=tmp_path)
+    run_job(
+        [
+            str(SCRIPTS / "hf_layouts.py"),
+            "--devices",
+            "2",
+            "--models",
+            *moe,
+            "--layouts",
+            "ep2",
+            "tp2_ep2_etp1_sp",
+            "pp2",
+            "--out",
+            str(moe_out),
+        ],
+        cwd=tmp_path,
+    )
     results.update(json.loads(moe_out.read_text()))
     for key, logits in results.items():
         if key == "trained_val_loss":

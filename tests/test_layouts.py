@@ -54,8 +54,13 @@ def test_moe_layouts(tmp_path, references):
 
 def test_torchrun_launch(tmp_path, references):
     """torchrun starts the ranks itself; Lightning picks up its environment."""
-    runs = train_layouts(tmp_path, 2, "dense", ["tp2"],
-                         launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    runs = train_layouts(
+        tmp_path,
+        2,
+        "dense",
+        ["tp2"],
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    )
     assert_same_run(runs["tp2"], references["dense"], "tp2 via torchrun")
 
 

@@ -24,8 +24,11 @@ from lightning_megatron.data.sft_datamodule import SFTDataModule
 from lightning_megatron.data.text import bundled_corpus
 from lightning_megatron.data.tokenizer import train_tokenizer
 
-EXPECTED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}]
+EXPECTED = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +36,17 @@ def tokenizer():
     return train_tokenizer([bundled_corpus()[:60000]], vocab_size=512)
 
 
-@pytest.mark.parametrize("row", [
-    {"messages": EXPECTED},
-    {"system": "Be brief.", "messages": EXPECTED[1:]},
-    {"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
-    {"system": "Be brief.", "instruction": "2+2?", "output": "4"},
-    {"system": "Be brief.", "query": "2+2?", "response": "4"},
-], ids=["messages", "messages+system", "sharegpt", "alpaca", "query-response"])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"messages": EXPECTED},
+        {"system": "Be brief.", "messages": EXPECTED[1:]},
+        {"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+        {"system": "Be brief.", "instruction": "2+2?", "output": "4"},
+        {"system": "Be brief.", "query": "2+2?", "response": "4"},
+    ],
+    ids=["messages", "messages+system", "sharegpt", "alpaca", "query-response"],
+)
 def test_formats_normalize_to_messages(row):
     assert to_messages(row) == EXPECTED
 
@@ -53,23 +60,30 @@ def test_alpaca_input_and_query_history():
 @pytest.mark.parametrize("template", sorted(BUILTIN_TEMPLATES))
 def test_assistant_mask_matches_transformers(tokenizer, template):
     tokenizer.chat_template = BUILTIN_TEMPLATES[template]
-    messages = to_messages({"query": "second?", "response": "yes, second.", "history": [["first?", "first."]],
-                            "system": "sys"})
+    messages = to_messages(
+        {"query": "second?", "response": "yes, second.", "history": [["first?", "first."]], "system": "sys"}
+    )
     ids, labels = render(messages, tokenizer)
-    reference = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    reference = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     assert ids == list(reference["input_ids"])
     assert [label != -100 for label in labels] == [bool(m) for m in reference["assistant_masks"]]
     tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
 
 
 def test_templates_without_generation_markers_mask_by_difference(tokenizer):
-    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"].replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tokenizer.chat_template = (
+        BUILTIN_TEMPLATES["chatml"].replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    )
     messages = to_messages({"query": "q", "response": "the answer", "history": [["q0", "r0"]]})
     ids, labels = render(messages, tokenizer)
-    learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+    learned = tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != -100])
     assert learned == "r0<|im_end|>\nthe answer<|im_end|>\n"  # the template's newline follows each turn
     _, last = render(messages, tokenizer, loss_on="last")
-    assert tokenizer.decode([i for i, label in zip(ids, last) if label != -100]) == "the answer<|im_end|>\n"
+    assert (
+        tokenizer.decode([i for i, label in zip(ids, last, strict=True) if label != -100]) == "the answer<|im_end|>\n"
+    )
     _, everything = render(messages, tokenizer, loss_on="all")
     assert everything == ids
     tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
@@ -121,40 +135,72 @@ def test_packing_gives_each_sample_its_own_logits(tokenizer):
     """A packed row's logits at each sample's positions equal that sample run alone."""
     samples = [render(to_messages(r), tokenizer) for r in rows_of(3)]
     (row,) = pack(samples, seq_length=sum(len(ids) for ids, _ in samples) + 5)
-    config = GPTConfig.preset("qwen2", vocab_size=len(tokenizer), num_layers=2, hidden_size=64, num_attention_heads=4,
-                              num_query_groups=2, ffn_hidden_size=128)
+    config = GPTConfig.preset(
+        "qwen2",
+        vocab_size=len(tokenizer),
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+    )
     model = GPTModule(config)
-    trainer = L.Trainer(strategy=MegatronStrategy(), accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     packed = trainer.predict(model, DataLoader([row], batch_size=1))[0][0]
     start = 0
     for ids, _ in samples:
         alone = trainer.predict(model, DataLoader([{"input_ids": torch.tensor(ids)}], batch_size=1))[0][0]
-        assert (packed[start:start + len(ids)] - alone).abs().max() < 1e-5
+        assert (packed[start : start + len(ids)] - alone).abs().max() < 1e-5
         start += len(ids)
     # Loss: boundaries and padding are masked, so the token count equals the samples' own.
     from lightning_megatron.models.gpt import prepare_inputs
 
     packed_tokens = prepare_inputs({k: v[None] for k, v in row.items()})["loss_mask"].sum()
-    alone_tokens = sum(prepare_inputs({"input_ids": torch.tensor([i]), "labels": torch.tensor([lab])})["loss_mask"].sum()
-                       for i, lab in samples)
+    alone_tokens = sum(
+        prepare_inputs({"input_ids": torch.tensor([i]), "labels": torch.tensor([lab])})["loss_mask"].sum()
+        for i, lab in samples
+    )
     assert packed_tokens == alone_tokens
 
 
 def test_sft_datamodule_trains_with_packing(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", rows_of(40))
     dm = SFTDataModule([f"{data}#60"], tokenizer, max_length=96, packing=True, batch_size=2, split_dataset_ratio=0.1)
-    config = GPTConfig.preset("qwen2", vocab_size=len(tokenizer), num_layers=2, hidden_size=64, num_attention_heads=4,
-                              num_query_groups=2, ffn_hidden_size=128)
+    config = GPTConfig.preset(
+        "qwen2",
+        vocab_size=len(tokenizer),
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+    )
     losses = []
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(strategy=MegatronStrategy(micro_batch_size=1), accelerator="cpu", devices=1, max_steps=8,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=[Record()], limit_val_batches=1, val_check_interval=4)
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(micro_batch_size=1),
+        accelerator="cpu",
+        devices=1,
+        max_steps=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[Record()],
+        limit_val_batches=1,
+        val_check_interval=4,
+    )
     trainer.fit(GPTModule(config, lr=3e-3), datamodule=dm)
     assert dm.stats.rows == 60 and dm.stats.kept == 60 and "segment_ids" in dm.train[0]
     assert losses[-1] < losses[0] and "val/loss" in trainer.callback_metrics
@@ -164,9 +210,18 @@ def test_bad_input_names_file_and_line(tmp_path, tokenizer):
     good = json.dumps(rows_of(1)[0])
     cases = {
         "bad-json": (good + "\n{not json\n", "bad-json.jsonl:2: invalid JSON"),
-        "no-format": (good + "\n" + json.dumps({"text": "hello"}) + "\n", r"no-format.jsonl:2: row has keys \['text'\]"),
-        "empty-answer": (json.dumps({"query": "q", "response": " "}) + "\n", "empty-answer.jsonl:1: an assistant turn is empty"),
-        "too-long": (json.dumps({"query": "q " * 200, "response": "r"}) + "\n", "too-long.jsonl:1: .* exceed max_length=64"),
+        "no-format": (
+            good + "\n" + json.dumps({"text": "hello"}) + "\n",
+            r"no-format.jsonl:2: row has keys \['text'\]",
+        ),
+        "empty-answer": (
+            json.dumps({"query": "q", "response": " "}) + "\n",
+            "empty-answer.jsonl:1: an assistant turn is empty",
+        ),
+        "too-long": (
+            json.dumps({"query": "q " * 200, "response": "r"}) + "\n",
+            "too-long.jsonl:1: .* exceed max_length=64",
+        ),
     }
     for name, (text, message) in cases.items():
         path = tmp_path / f"{name}.jsonl"
@@ -191,20 +246,33 @@ def test_self_cognition_source_fills_name_and_author(tokenizer):
         SFTDataModule(["self-cognition#3"], tokenizer).setup()
 
 
-@pytest.mark.parametrize("row", [
-    {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
-    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "rejected_response": "5"},
-    {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-     "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]},
-    {"query": "2+2?", "response": "4", "rejected_response": "5"},
-], ids=["prompt-chosen-rejected", "swift-messages", "conversation-pairs", "query-response"])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {
+            "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected_response": "5",
+        },
+        {
+            "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+        },
+        {"query": "2+2?", "response": "4", "rejected_response": "5"},
+    ],
+    ids=["prompt-chosen-rejected", "swift-messages", "conversation-pairs", "query-response"],
+)
 def test_preference_formats(row, tokenizer):
     from lightning_megatron.data.sft import render_preference, to_preference
 
     assert to_preference(row) == ([{"role": "user", "content": "2+2?"}], "4", "5")
     pair = render_preference(row, tokenizer)
-    learned = {k: tokenizer.decode([i for i, lab in zip(pair[f"{k}_input_ids"], pair[f"{k}_labels"]) if lab != -100])
-               for k in ("chosen", "rejected")}
+    learned = {
+        k: tokenizer.decode(
+            [i for i, lab in zip(pair[f"{k}_input_ids"], pair[f"{k}_labels"], strict=True) if lab != -100]
+        )
+        for k in ("chosen", "rejected")
+    }
     assert learned == {"chosen": "4<|im_end|>", "rejected": "5<|im_end|>"}
 
 
@@ -214,8 +282,12 @@ def test_bad_preference_rows():
     with pytest.raises(DataFormatError, match="f:3: the rejected answer is empty"):
         to_preference({"prompt": "q", "chosen": "a", "rejected": ""}, "f:3")
     with pytest.raises(DataFormatError, match="differ before the last turn"):
-        to_preference({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                       "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]})
+        to_preference(
+            {
+                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}],
+            }
+        )
     with pytest.raises(DataFormatError, match="matching no preference format"):
         to_preference({"text": "x"})
 
@@ -225,8 +297,9 @@ def test_preference_datamodule_batches(tmp_path, tokenizer):
 
     rows = [{"prompt": f"q{i}?", "chosen": f"good answer {i}", "rejected": "bad"} for i in range(6)]
     rows.append({"prompt": "q?", "chosen": "x " * 100, "rejected": "y"})  # too long: dropped and counted
-    dm = PreferenceDataModule([str(write_jsonl(tmp_path / "p.jsonl", rows))], tokenizer, max_length=32,
-                              truncation="drop", batch_size=3)
+    dm = PreferenceDataModule(
+        [str(write_jsonl(tmp_path / "p.jsonl", rows))], tokenizer, max_length=32, truncation="drop", batch_size=3
+    )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert dm.stats.kept == 6 and dm.stats.dropped_too_long == 1
@@ -244,8 +317,9 @@ def test_pretrain_datamodule_reads_txt_jsonl_parquet_and_datasets(tmp_path):
     (tmp_path / "a.txt").write_text("\n\n".join(docs[:10]))
     write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in docs[10:]])
     datasets.Dataset.from_dict({"text": docs[10:]}).to_parquet(tmp_path / "c.parquet")
-    files = PretrainDataModule([tmp_path / "a.txt", tmp_path / "b.jsonl"], ByteTokenizer(), seq_length=32,
-                               split_dataset_ratio=0.2)
+    files = PretrainDataModule(
+        [tmp_path / "a.txt", tmp_path / "b.jsonl"], ByteTokenizer(), seq_length=32, split_dataset_ratio=0.2
+    )
     files.setup()
     expected = sum(len(d.encode()) + 1 for d in docs) // 32
     assert len(files.train) + len(files.val) == expected and len(files.val) == round(expected * 0.2)
@@ -257,3 +331,84 @@ def test_pretrain_datamodule_reads_txt_jsonl_parquet_and_datasets(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"body": "no text"}])
     with pytest.raises(DataFormatError, match="bad.jsonl:2: no 'text' field"):
         PretrainDataModule([tmp_path / "bad.jsonl"], ByteTokenizer(), seq_length=4).setup()
+
+
+def test_streaming_shards_rows_over_ranks_and_workers(tmp_path, tokenizer):
+    """DP2 x 2 loader workers: every row is read exactly once per epoch."""
+    from lightning_megatron.data.streaming import StreamingRows
+
+    paths = [write_jsonl(tmp_path / "a.jsonl", rows_of(7, "a")), write_jsonl(tmp_path / "b.jsonl", rows_of(6, "b"))]
+    seen = []
+    for rank in range(2):
+        rows = StreamingRows(paths, lambda where, row: row["query"], rank=rank, world_size=2)
+        seen += list(DataLoader(rows, batch_size=None, num_workers=2))
+    assert sorted(seen) == sorted(r["query"] for r in rows_of(7, "a") + rows_of(6, "b"))
+
+
+def test_streaming_sft_resumes_at_the_next_unseen_batch(tmp_path, tokenizer):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_of(40))
+    config = GPTConfig.preset(
+        "qwen2", vocab_size=len(tokenizer), num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64
+    )
+
+    def fit(steps, ckpt_path=None, callbacks=()):
+        batches = []
+
+        class Record(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                batches.append(batch["input_ids"][:, :6].tolist())
+
+        dm = SFTDataModule([str(data)], tokenizer, max_length=64, batch_size=2, streaming=True)
+        trainer = L.Trainer(
+            strategy=MegatronStrategy(micro_batch_size=2),
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Record(), *callbacks],
+            enable_checkpointing=bool(callbacks),
+        )
+        trainer.fit(GPTModule(config), datamodule=dm, ckpt_path=ckpt_path)
+        return batches
+
+    uninterrupted = fit(6)
+    fit(3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3)])
+    assert fit(6, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt") == uninterrupted[3:]
+
+
+def test_indexed_dataset_preprocess_and_blocks(tmp_path, tokenizer):
+    """`lightning-megatron preprocess` writes Megatron's .bin/.idx; reading them gives the same
+    blocks as tokenizing the text directly."""
+    import subprocess
+    import sys
+
+    from lightning_megatron.data.pretrain import PretrainDataModule
+    from tests.conftest import job_env
+
+    docs = [f"document {i}: " + "lorem ipsum dolor " * (i % 5 + 1) for i in range(30)]
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    tokenizer.save_pretrained(tmp_path / "tok")
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_megatron.cli",
+        "preprocess",
+        "--input",
+        str(tmp_path / "docs.jsonl"),
+        "--output-prefix",
+        str(tmp_path / "out" / "docs"),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+    ]
+    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stdout + proc.stderr
+    indexed = PretrainDataModule([tmp_path / "out" / "docs.bin"], tokenizer, seq_length=16)
+    raw = PretrainDataModule([tmp_path / "docs.jsonl"], tokenizer, seq_length=16)
+    indexed.setup()
+    raw.setup()
+    assert len(indexed.train) > 10
+    assert [r["input_ids"].tolist() for r in indexed.train] == [r["input_ids"].tolist() for r in raw.train]

@@ -11,8 +11,15 @@ from torch.utils.data import DataLoader
 from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy, RecomputeConfig
 from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_corpus
 
-CONFIG = dict(vocab_size=257, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-              ffn_hidden_size=128, tie_word_embeddings=False)
+CONFIG = dict(
+    vocab_size=257,
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    tie_word_embeddings=False,
+)
 
 
 def loader(seq_length=32, batch_size=4, chars=20000):
@@ -21,9 +28,18 @@ def loader(seq_length=32, batch_size=4, chars=20000):
 
 
 def trainer(**kwargs):
-    defaults = dict(strategy=MegatronStrategy(micro_batch_size=2), accelerator="cpu", devices=1,
-                    max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0)
+    defaults = dict(
+        strategy=MegatronStrategy(micro_batch_size=2),
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -76,8 +92,10 @@ class ReturnsOptimizer(GPTModule):
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
         lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1),
         lambda m: OptimizerConfig(optimizer="adam", lr=1e-3),
-        lambda m: {"optimizer": OptimizerConfig(optimizer="adam", lr=1e-3),
-                   "lr_scheduler": lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)},
+        lambda m: {
+            "optimizer": OptimizerConfig(optimizer="adam", lr=1e-3),
+            "lr_scheduler": lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
+        },
     ],
     ids=["sgd", "adamw", "megatron-config", "megatron-config-with-scheduler"],
 )
@@ -141,7 +159,8 @@ def test_trainer_gradient_clipping_reaches_megatron():
             seen.append(trainer.strategy.optimizers[0].megatron.config.clip_grad)
 
     trainer(gradient_clip_val=0.25, max_steps=1, callbacks=[Watch()]).fit(
-        GPTModule(GPTConfig.preset("qwen2", **CONFIG)), loader())
+        GPTModule(GPTConfig.preset("qwen2", **CONFIG)), loader()
+    )
     assert seen == [0.25]
 
 
@@ -211,8 +230,9 @@ def test_recompute_reruns_forward_and_keeps_losses(recompute, module_name, calls
                         m.register_forward_hook(lambda *a: calls.append(1))
 
         model = GPTModule(GPTConfig.preset("qwen2", **CONFIG), lr=3e-3)
-        trainer(strategy=MegatronStrategy(micro_batch_size=2, recompute=recompute), max_steps=2,
-                callbacks=[losses, Count()]).fit(model, loader())
+        trainer(
+            strategy=MegatronStrategy(micro_batch_size=2, recompute=recompute), max_steps=2, callbacks=[losses, Count()]
+        ).fit(model, loader())
         return losses.values, len(calls)
 
     plain_losses, plain_calls = run(None)

@@ -43,17 +43,31 @@ class PretrainDataModule(L.LightningDataModule):
     """Documents tokenized, joined with the end-of-sequence token and cut into ``seq_length`` rows.
 
     Args:
-        sources: file paths (``.txt``, ``.jsonl`` with ``text_field``, ``.parquet``) or one
+        sources: file paths (``.txt``, ``.jsonl`` with ``text_field``, ``.parquet``), Megatron
+            indexed datasets (``PREFIX.bin``; see ``lightning-megatron preprocess``), or one
             ``datasets.Dataset`` with a ``text_field`` column.
         tokenizer: anything with ``encode`` and ``eos_token_id`` (transformers tokenizers included).
         split_dataset_ratio: fraction of rows held out for validation (deterministic for ``seed``).
     """
 
-    def __init__(self, sources: Sequence[str | Path] | Any, tokenizer: Any, seq_length: int = 2048,
-                 batch_size: int = 8, split_dataset_ratio: float = 0.0, seed: int = 42, text_field: str = "text") -> None:
+    def __init__(
+        self,
+        sources: Sequence[str | Path] | Any,
+        tokenizer: Any,
+        seq_length: int = 2048,
+        batch_size: int = 8,
+        split_dataset_ratio: float = 0.0,
+        seed: int = 42,
+        text_field: str = "text",
+    ) -> None:
         super().__init__()
         self.sources, self.tokenizer, self.seq_length = sources, tokenizer, seq_length
-        self.batch_size, self.split_dataset_ratio, self.seed, self.text_field = batch_size, split_dataset_ratio, seed, text_field
+        self.batch_size, self.split_dataset_ratio, self.seed, self.text_field = (
+            batch_size,
+            split_dataset_ratio,
+            seed,
+            text_field,
+        )
         self.train: TokenBlocks | None = None
         self.val: torch.utils.data.Subset | None = None
 
@@ -67,19 +81,33 @@ class PretrainDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        tokens: list[int] = []
-        for document in self._documents():
-            tokens.extend(self.tokenizer.encode(document))
-            tokens.append(self.tokenizer.eos_token_id)
-        blocks = TokenBlocks(tokens, self.seq_length)
+        is_dataset = hasattr(self.sources, "column_names")
+        indexed = [] if is_dataset else [Path(s).suffix in (".bin", ".idx") for s in self.sources]
+        if any(indexed):
+            if not all(indexed):
+                raise ValueError("mix indexed (.bin/.idx) and raw sources in separate data modules")
+            from lightning_megatron.data.indexed import IndexedBlocks
+
+            blocks = torch.utils.data.ConcatDataset([IndexedBlocks(s, self.seq_length) for s in self.sources])
+        else:
+            tokens: list[int] = []
+            for document in self._documents():
+                tokens.extend(self.tokenizer.encode(document))
+                tokens.append(self.tokenizer.eos_token_id)
+            blocks = TokenBlocks(tokens, self.seq_length)
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(self.seed)).tolist()
         held_out = int(round(len(blocks) * self.split_dataset_ratio))
         self.val = torch.utils.data.Subset(blocks, order[:held_out])
         self.train = torch.utils.data.Subset(blocks, order[held_out:])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.train,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.batch_size)

@@ -39,8 +39,14 @@ BUILTIN_TEMPLATES = {
     ),
 }
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "model": "assistant"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "model": "assistant",
+}
 
 
 class DataFormatError(ValueError):
@@ -90,7 +96,9 @@ def use_template(tokenizer: Any, template: str | None) -> None:
         )
 
 
-def render(messages: list[dict[str, str]], tokenizer: Any, loss_on: LossOn = "assistant") -> tuple[list[int], list[int]]:
+def render(
+    messages: list[dict[str, str]], tokenizer: Any, loss_on: LossOn = "assistant"
+) -> tuple[list[int], list[int]]:
     """Token ids and labels (``-100`` where no loss) for one conversation.
 
     Templates with ``{% generation %}`` markers give transformers' assistant mask. For others,
@@ -103,8 +111,9 @@ def render(messages: list[dict[str, str]], tokenizer: Any, loss_on: LossOn = "as
         return ids, list(ids)
     if "{% generation %}" in (tokenizer.chat_template or ""):
         # The template marks assistant text itself: use transformers' own mask.
-        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
         spans = _runs(mask)
     else:
@@ -151,13 +160,16 @@ class Stats:
     skipped_bad: list[str] = field(default_factory=list)
 
 
-def truncate(ids: list[int], labels: list[int], max_length: int, policy: Truncation, where: str,
-             stats: Stats) -> tuple[list[int], list[int]] | None:
+def truncate(
+    ids: list[int], labels: list[int], max_length: int, policy: Truncation, where: str, stats: Stats
+) -> tuple[list[int], list[int]] | None:
     if len(ids) <= max_length:
         return ids, labels
     if policy == "error":
-        raise DataFormatError(f"{where}: {len(ids)} tokens exceed max_length={max_length} "
-                              "(set truncation='drop', 'truncate_left' or 'truncate_right')")
+        raise DataFormatError(
+            f"{where}: {len(ids)} tokens exceed max_length={max_length} "
+            "(set truncation='drop', 'truncate_left' or 'truncate_right')"
+        )
     if policy == "drop":
         stats.dropped_too_long += 1
         return None
@@ -183,7 +195,9 @@ def sample_sources(sources: Sequence[tuple[str, list[Any], int | None]], seed: i
     return mixed
 
 
-def pack(samples: Iterable[tuple[list[int], list[int]]], seq_length: int, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
+def pack(
+    samples: Iterable[tuple[list[int], list[int]]], seq_length: int, pad_id: int = 0
+) -> list[dict[str, torch.Tensor]]:
     """Greedy in-order packing into ``seq_length`` rows with attention kept inside each sample.
 
     Each row has ``segment_ids`` (1, 2, ... per sample, 0 for padding) and ``position_ids`` that
@@ -202,12 +216,14 @@ def pack(samples: Iterable[tuple[list[int], list[int]]], seq_length: int, pad_id
             positions += range(len(sample_ids))
             segments += [segment] * len(sample_ids)
         padding = seq_length - len(ids)
-        rows.append({
-            "input_ids": torch.tensor(ids + [pad_id] * padding),
-            "labels": torch.tensor(labels + [-100] * padding),
-            "position_ids": torch.tensor(positions + [0] * padding),
-            "segment_ids": torch.tensor(segments + [0] * padding),
-        })
+        rows.append(
+            {
+                "input_ids": torch.tensor(ids + [pad_id] * padding),
+                "labels": torch.tensor(labels + [-100] * padding),
+                "position_ids": torch.tensor(positions + [0] * padding),
+                "segment_ids": torch.tensor(segments + [0] * padding),
+            }
+        )
         current.clear()
 
     used = 0
@@ -233,7 +249,9 @@ def to_preference(row: dict[str, Any], where: str = "row") -> tuple[list[dict[st
     - any SFT shape (see :func:`to_messages`) plus ``"rejected_response"``
     """
     if isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
-        chosen, rejected = (to_messages({"messages": row[k], "system": row.get("system")}, where) for k in ("chosen", "rejected"))
+        chosen, rejected = (
+            to_messages({"messages": row[k], "system": row.get("system")}, where) for k in ("chosen", "rejected")
+        )
         if chosen[:-1] != rejected[:-1]:
             raise DataFormatError(f"{where}: 'chosen' and 'rejected' conversations differ before the last turn")
         prompt, good, bad = chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]

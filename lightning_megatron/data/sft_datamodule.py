@@ -85,26 +85,58 @@ class SFTDataModule(L.LightningDataModule):
         lenient: skip rows that match no format (counted and listed) instead of raising.
         model_name, model_author: fill the bundled ``"self-cognition"`` source (use it like a
             file: ``sources=["self-cognition#200", "my_data.jsonl"]``).
+        streaming: read and tokenize the (``.jsonl``) training files lazily, sharded by
+            data-parallel rank (:class:`~lightning_megatron.data.streaming.StreamingRows`); no
+            ``#N`` sampling, packing or split then (validation comes from ``val_sources``).
+        val_sources: validation files used as they are (with or without streaming).
     """
 
-    def __init__(self, sources: Sequence[str], tokenizer: Any, max_length: int = 2048, template: str | None = None,
-                 loss_on: LossOn = "assistant", truncation: Truncation = "error", packing: bool = False,
-                 split_dataset_ratio: float = 0.0, batch_size: int = 8, seed: int = 42, lenient: bool = False,
-                 pad_to_multiple_of: int = 8, model_name: str | None = None, model_author: str | None = None) -> None:
+    def __init__(
+        self,
+        sources: Sequence[str],
+        tokenizer: Any,
+        max_length: int = 2048,
+        template: str | None = None,
+        loss_on: LossOn = "assistant",
+        truncation: Truncation = "error",
+        packing: bool = False,
+        split_dataset_ratio: float = 0.0,
+        batch_size: int = 8,
+        seed: int = 42,
+        lenient: bool = False,
+        pad_to_multiple_of: int = 8,
+        model_name: str | None = None,
+        model_author: str | None = None,
+        streaming: bool = False,
+        val_sources: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         self.sources, self.tokenizer, self.max_length = list(sources), tokenizer, max_length
         self.template, self.loss_on, self.truncation, self.packing = template, loss_on, truncation, packing
-        self.split_dataset_ratio, self.batch_size, self.seed, self.lenient = split_dataset_ratio, batch_size, seed, lenient
+        self.split_dataset_ratio, self.batch_size = split_dataset_ratio, batch_size
+        self.seed, self.lenient = seed, lenient
         self.pad_to_multiple_of = pad_to_multiple_of
         self.model_name, self.model_author = model_name, model_author
+        self.streaming, self.val_sources = streaming, list(val_sources)
+        if streaming and (packing or split_dataset_ratio or any("#" in src for src in self.sources)):
+            raise ValueError("streaming=True reads files as they are: no packing, split_dataset_ratio or '#N'")
         self.stats = Stats()
-        self.train: list[dict[str, torch.Tensor]] = []
+        self.train: Any = []  # samples, packed rows, or a StreamingRows dataset
+        self._prepared = False
         self.val: list[dict[str, torch.Tensor]] = []
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train:
+        if self._prepared:  # Lightning calls setup for every stage
             return
+        self._prepared = True
         use_template(self.tokenizer, self.template)
+        if self.val_sources:
+            self.val = self._rows_to_samples([r for src in self.val_sources for r in read_rows(src)], self.packing)
+        if self.streaming:
+            from lightning_megatron.data.streaming import StreamingRows
+
+            self.train = StreamingRows(self.sources, self._stream_sample)
+            return
         loaded = []
         for source in self.sources:
             path, count = parse_source(source)
@@ -118,13 +150,17 @@ class SFTDataModule(L.LightningDataModule):
         held_out = int(round(len(rows) * self.split_dataset_ratio))
         val_rows, train_rows = rows[:held_out], rows[held_out:]
         self.train = self._rows_to_samples(train_rows, pack_rows=self.packing)
-        self.val = self._rows_to_samples(val_rows, pack_rows=self.packing)
+        self.val = self.val or self._rows_to_samples(val_rows, pack_rows=self.packing)
         s = self.stats
-        rank_zero_info(f"SFT data: {s.rows} rows, {s.kept} kept, {s.truncated} truncated, "
-                       f"{s.dropped_too_long} dropped (too long), {len(s.skipped_bad)} skipped (bad); "
-                       f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}")
+        rank_zero_info(
+            f"SFT data: {s.rows} rows, {s.kept} kept, {s.truncated} truncated, "
+            f"{s.dropped_too_long} dropped (too long), {len(s.skipped_bad)} skipped (bad); "
+            f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}"
+        )
 
-    def _rows_to_samples(self, rows: list[tuple[str, dict[str, Any]]], pack_rows: bool) -> list[dict[str, torch.Tensor]]:
+    def _rows_to_samples(
+        self, rows: list[tuple[str, dict[str, Any]]], pack_rows: bool
+    ) -> list[dict[str, torch.Tensor]]:
         samples = []
         for where, row in rows:
             self.stats.rows += 1
@@ -143,6 +179,10 @@ class SFTDataModule(L.LightningDataModule):
             return pack(samples, self.max_length, self.tokenizer.pad_token_id or 0)
         return [{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)} for ids, labels in samples]
 
+    def _stream_sample(self, where: str, row: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        samples = self._rows_to_samples([(where, row)], pack_rows=False)
+        return samples[0] if samples else None
+
     def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad to the longest row (rounded up to ``pad_to_multiple_of``, for SP/CP)."""
         longest = max(row["input_ids"].shape[0] for row in rows)
@@ -155,19 +195,27 @@ class SFTDataModule(L.LightningDataModule):
                 fill = {"input_ids": pad, "labels": -100}.get(key, 0)
                 batch.setdefault(key, []).append(torch.cat([value, value.new_full((extra,), fill)]))
             if "segment_ids" not in row:
-                mask = torch.cat([torch.ones(row["input_ids"].shape[0], dtype=torch.long),
-                                  torch.zeros(extra, dtype=torch.long)])
+                mask = torch.cat(
+                    [torch.ones(row["input_ids"].shape[0], dtype=torch.long), torch.zeros(extra, dtype=torch.long)]
+                )
                 batch.setdefault("attention_mask", []).append(mask)
         return {key: torch.stack(values) for key, values in batch.items()}
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:  # the files' order; the dataset shards itself over ranks and workers
+            return DataLoader(self.train, batch_size=self.batch_size, drop_last=True, collate_fn=self.collate)
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=self.collate, generator=generator)
+        return DataLoader(
+            self.train,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self.collate,
+            generator=generator,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collate)
-
 
 
 class PreferenceDataModule(SFTDataModule):
@@ -190,8 +238,14 @@ class PreferenceDataModule(SFTDataModule):
                 pair = render_preference(row, self.tokenizer, where)
                 kept = {}
                 for side in ("chosen", "rejected"):
-                    cut = truncate(pair[f"{side}_input_ids"], pair[f"{side}_labels"], self.max_length,
-                                   self.truncation, where, Stats())
+                    cut = truncate(
+                        pair[f"{side}_input_ids"],
+                        pair[f"{side}_labels"],
+                        self.max_length,
+                        self.truncation,
+                        where,
+                        Stats(),
+                    )
                     if cut is None:
                         break
                     kept[f"{side}_input_ids"], kept[f"{side}_labels"] = (torch.tensor(x) for x in cut)

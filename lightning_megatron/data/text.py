@@ -44,8 +44,7 @@ class TokenBlocks(Dataset):
         n = len(tokens) // seq_length
         if n == 0:
             raise ValueError(
-                f"{len(tokens)} tokens make no row of seq_length={seq_length}; use more text or a "
-                "shorter seq_length"
+                f"{len(tokens)} tokens make no row of seq_length={seq_length}; use more text or a shorter seq_length"
             )
         self.rows = tokens[: n * seq_length].view(n, seq_length)
 

@@ -29,13 +29,22 @@ from safetensors.torch import save_file
 from lightning_megatron.hf.families import FAMILIES, family_table
 from lightning_megatron.models.config import GPTConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 # ------------------------------------------------------------------------------ transforms
-def to_megatron(transform: str, tensors: Sequence[torch.Tensor], config: GPTConfig,
-                shape: Sequence[int]) -> torch.Tensor:
+def to_megatron(
+    transform: str, tensors: Sequence[torch.Tensor], config: GPTConfig, shape: Sequence[int]
+) -> torch.Tensor:
     """One global Megatron tensor (of one layer/expert) from its HF tensors."""
     if transform == "copy":
         return tensors[0]
@@ -117,10 +126,12 @@ def load_hf_weights(chunks: Sequence[torch.nn.Module], source: str | os.PathLike
             raise KeyError(f"no Hugging Face source for Megatron tensor {sharded.key} ({config.family})")
         transform, names = table[sharded.key]
         prepend = sharded.prepend_axis_num
-        index = dict(zip(("layer", "expert"), sharded.global_offset[:prepend]))
+        index = dict(zip(("layer", "expert"), sharded.global_offset[:prepend], strict=False))
         hf = [reader.get(name.format(**index)) for name in names]
         full = to_megatron(transform, hf, config, sharded.global_shape[prepend:])
-        region = tuple(slice(o, o + n) for o, n in zip(sharded.global_offset[prepend:], sharded.local_shape))
+        region = tuple(
+            slice(o, o + n) for o, n in zip(sharded.global_offset[prepend:], sharded.local_shape, strict=True)
+        )
         with torch.no_grad():
             sharded.data.copy_(full[region])
 
@@ -165,12 +176,20 @@ def hf_config(config: GPTConfig, dtype: torch.dtype = torch.bfloat16):
     if config.rope_scaling:
         values["rope_scaling"] = dict(config.rope_scaling)
     if config.family == "mixtral":
-        values.update(num_local_experts=config.num_experts, num_experts_per_tok=config.moe_router_topk,
-                      intermediate_size=config.moe_ffn_hidden_size or config.ffn_hidden_size)
+        values.update(
+            num_local_experts=config.num_experts,
+            num_experts_per_tok=config.moe_router_topk,
+            intermediate_size=config.moe_ffn_hidden_size or config.ffn_hidden_size,
+        )
     if config.family in ("qwen2_moe", "qwen3_moe"):
-        values.update(num_experts=config.num_experts, num_experts_per_tok=config.moe_router_topk,
-                      moe_intermediate_size=config.moe_ffn_hidden_size, norm_topk_prob=not config.moe_router_pre_softmax,
-                      decoder_sparse_step=1, mlp_only_layers=[])
+        values.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.moe_router_topk,
+            moe_intermediate_size=config.moe_ffn_hidden_size,
+            norm_topk_prob=not config.moe_router_pre_softmax,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     if config.family == "qwen2_moe":
         values.update(shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size)
     return AutoConfig.for_model(config.family, **values)
@@ -249,7 +268,7 @@ def export_hf(
         transform, names = table[key]
         written_dtype = written_dtype or tensor.dtype
         for index, global_tensor in _unstack(key, tensor):
-            for name, hf_tensor in zip(names, from_megatron(transform, global_tensor, config)):
+            for name, hf_tensor in zip(names, from_megatron(transform, global_tensor, config), strict=True):
                 writer.add(name.format(**index), hf_tensor.to(written_dtype))
         del tensor
     writer.close()

@@ -23,14 +23,26 @@ LLAMA: Table = {
     "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
     "output_layer.weight": ("vocab", ("lm_head.weight",)),
     "decoder.final_layernorm.weight": ("copy", ("model.norm.weight",)),
-    "decoder.layers.self_attention.linear_qkv.layer_norm_weight": ("copy", ("model.layers.{layer}.input_layernorm.weight",)),
-    "decoder.layers.self_attention.linear_qkv.weight": ("qkv", (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight", f"{_ATTN}.v_proj.weight")),
-    "decoder.layers.self_attention.linear_qkv.bias": ("qkv", (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias")),
+    "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (
+        "copy",
+        ("model.layers.{layer}.input_layernorm.weight",),
+    ),
+    "decoder.layers.self_attention.linear_qkv.weight": (
+        "qkv",
+        (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight", f"{_ATTN}.v_proj.weight"),
+    ),
+    "decoder.layers.self_attention.linear_qkv.bias": (
+        "qkv",
+        (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
+    ),
     "decoder.layers.self_attention.linear_proj.weight": ("copy", (f"{_ATTN}.o_proj.weight",)),
     "decoder.layers.self_attention.q_layernorm.weight": ("copy", (f"{_ATTN}.q_norm.weight",)),
     "decoder.layers.self_attention.k_layernorm.weight": ("copy", (f"{_ATTN}.k_norm.weight",)),
     # Dense MLP: the pre-MLP norm is fused into fc1 (Transformer Engine's naming).
-    "decoder.layers.mlp.linear_fc1.layer_norm_weight": ("copy", ("model.layers.{layer}.post_attention_layernorm.weight",)),
+    "decoder.layers.mlp.linear_fc1.layer_norm_weight": (
+        "copy",
+        ("model.layers.{layer}.post_attention_layernorm.weight",),
+    ),
     "decoder.layers.mlp.linear_fc1.weight": ("cat", (f"{_MLP}.gate_proj.weight", f"{_MLP}.up_proj.weight")),
     "decoder.layers.mlp.linear_fc2.weight": ("copy", (f"{_MLP}.down_proj.weight",)),
 }
@@ -38,17 +50,22 @@ LLAMA: Table = {
 # MoE layers: the pre-MLP norm is its own tensor under Transformer Engine's spec, and keyed as
 # in the dense case under the local spec.
 _MOE_COMMON: Table = {
-    key: value for key, value in LLAMA.items()
+    key: value
+    for key, value in LLAMA.items()
     if not key.startswith("decoder.layers.mlp.") or key.endswith("layer_norm_weight")
 } | {"decoder.layers.pre_mlp_layernorm.weight": ("copy", ("model.layers.{layer}.post_attention_layernorm.weight",))}
 
 QWEN_MOE: Table = _MOE_COMMON | {
     "decoder.layers.mlp.router.weight": ("copy", (f"{_MLP}.gate.weight",)),
     "decoder.layers.mlp.experts.experts.linear_fc1.weight": (
-        "cat", (f"{_MLP}.experts.{{expert}}.gate_proj.weight", f"{_MLP}.experts.{{expert}}.up_proj.weight")),
+        "cat",
+        (f"{_MLP}.experts.{{expert}}.gate_proj.weight", f"{_MLP}.experts.{{expert}}.up_proj.weight"),
+    ),
     "decoder.layers.mlp.experts.experts.linear_fc2.weight": ("copy", (f"{_MLP}.experts.{{expert}}.down_proj.weight",)),
     "decoder.layers.mlp.shared_experts.linear_fc1.weight": (
-        "cat", (f"{_MLP}.shared_expert.gate_proj.weight", f"{_MLP}.shared_expert.up_proj.weight")),
+        "cat",
+        (f"{_MLP}.shared_expert.gate_proj.weight", f"{_MLP}.shared_expert.up_proj.weight"),
+    ),
     "decoder.layers.mlp.shared_experts.linear_fc2.weight": ("copy", (f"{_MLP}.shared_expert.down_proj.weight",)),
     "decoder.layers.mlp.shared_experts.gate_weight": ("copy", (f"{_MLP}.shared_expert_gate.weight",)),
 }
@@ -57,7 +74,9 @@ _SPARSE = "model.layers.{layer}.block_sparse_moe"
 MIXTRAL: Table = _MOE_COMMON | {
     "decoder.layers.mlp.router.weight": ("copy", (f"{_SPARSE}.gate.weight",)),
     "decoder.layers.mlp.experts.experts.linear_fc1.weight": (
-        "cat", (f"{_SPARSE}.experts.{{expert}}.w1.weight", f"{_SPARSE}.experts.{{expert}}.w3.weight")),
+        "cat",
+        (f"{_SPARSE}.experts.{{expert}}.w1.weight", f"{_SPARSE}.experts.{{expert}}.w3.weight"),
+    ),
     "decoder.layers.mlp.experts.experts.linear_fc2.weight": ("copy", (f"{_SPARSE}.experts.{{expert}}.w2.weight",)),
 }
 

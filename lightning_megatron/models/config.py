@@ -91,13 +91,10 @@ class GPTConfig:
             self.num_query_groups = self.num_attention_heads
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
-                f"num_query_groups={self.num_query_groups} must divide "
-                f"num_attention_heads={self.num_attention_heads}"
+                f"num_query_groups={self.num_query_groups} must divide num_attention_heads={self.num_attention_heads}"
             )
         if self.num_experts and self.moe_router_topk > self.num_experts:
-            raise ValueError(
-                f"moe_router_topk={self.moe_router_topk} exceeds num_experts={self.num_experts}"
-            )
+            raise ValueError(f"moe_router_topk={self.moe_router_topk} exceeds num_experts={self.num_experts}")
 
     @property
     def is_moe(self) -> bool:
@@ -139,9 +136,7 @@ class GPTConfig:
         hf = _read_hf_config(source)
         model_type = hf.get("model_type")
         if model_type not in PRESETS:
-            raise ValueError(
-                f"unsupported Hugging Face model_type {model_type!r}; supported: {sorted(PRESETS)}"
-            )
+            raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; supported: {sorted(PRESETS)}")
         heads = hf["num_attention_heads"]
         values: dict[str, Any] = dict(
             vocab_size=hf["vocab_size"],
@@ -162,8 +157,11 @@ class GPTConfig:
         if model_type == "qwen2":
             values["add_qkv_bias"] = True
         if model_type in ("mixtral",):
-            values.update(num_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
-                          moe_ffn_hidden_size=hf["intermediate_size"])
+            values.update(
+                num_experts=hf["num_local_experts"],
+                moe_router_topk=hf["num_experts_per_tok"],
+                moe_ffn_hidden_size=hf["intermediate_size"],
+            )
         if model_type in ("qwen2_moe", "qwen3_moe"):
             values.update(
                 num_experts=hf.get("num_experts") or hf["num_local_experts"],
@@ -252,29 +250,95 @@ def _read_hf_config(source: str | Path | Any) -> dict[str, Any]:
 
 
 # Flags of each family plus the shape of its smallest public model (override any of them).
-_LLAMA = dict(vocab_size=32000, num_layers=22, hidden_size=2048, num_attention_heads=32,
-              num_query_groups=4, ffn_hidden_size=5632, rope_theta=10000.0, norm_eps=1e-5)
+_LLAMA = dict(
+    vocab_size=32000,
+    num_layers=22,
+    hidden_size=2048,
+    num_attention_heads=32,
+    num_query_groups=4,
+    ffn_hidden_size=5632,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     "llama": _LLAMA,
-    "mistral": dict(_LLAMA, num_layers=32, hidden_size=4096, num_query_groups=8,
-                    ffn_hidden_size=14336, rope_theta=1e6, vocab_size=32768),
-    "qwen2": dict(vocab_size=151936, num_layers=24, hidden_size=896, num_attention_heads=14,
-                  num_query_groups=2, ffn_hidden_size=4864, rope_theta=1e6, norm_eps=1e-6,
-                  add_qkv_bias=True, tie_word_embeddings=True),
-    "qwen3": dict(vocab_size=151936, num_layers=28, hidden_size=1024, num_attention_heads=16,
-                  num_query_groups=8, kv_channels=128, ffn_hidden_size=3072, rope_theta=1e6,
-                  norm_eps=1e-6, qk_layernorm=True, tie_word_embeddings=True),
-    "mixtral": dict(_LLAMA, num_layers=32, hidden_size=4096, num_query_groups=8,
-                    ffn_hidden_size=14336, rope_theta=1e6, num_experts=8, moe_router_topk=2,
-                    moe_aux_loss_coeff=0.02),
-    "qwen2_moe": dict(vocab_size=151936, num_layers=24, hidden_size=2048, num_attention_heads=16,
-                      num_query_groups=16, ffn_hidden_size=5632, moe_ffn_hidden_size=1408,
-                      rope_theta=1e6, norm_eps=1e-6, add_qkv_bias=True, num_experts=60,
-                      moe_router_topk=4, moe_router_pre_softmax=True,
-                      moe_shared_expert_intermediate_size=5632, moe_shared_expert_gate=True,
-                      moe_aux_loss_coeff=0.001),
-    "qwen3_moe": dict(vocab_size=151936, num_layers=48, hidden_size=2048, num_attention_heads=32,
-                      num_query_groups=4, kv_channels=128, ffn_hidden_size=6144,
-                      moe_ffn_hidden_size=768, rope_theta=1e6, norm_eps=1e-6, qk_layernorm=True,
-                      num_experts=128, moe_router_topk=8, moe_aux_loss_coeff=0.001),
+    "mistral": dict(
+        _LLAMA,
+        num_layers=32,
+        hidden_size=4096,
+        num_query_groups=8,
+        ffn_hidden_size=14336,
+        rope_theta=1e6,
+        vocab_size=32768,
+    ),
+    "qwen2": dict(
+        vocab_size=151936,
+        num_layers=24,
+        hidden_size=896,
+        num_attention_heads=14,
+        num_query_groups=2,
+        ffn_hidden_size=4864,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        add_qkv_bias=True,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": dict(
+        vocab_size=151936,
+        num_layers=28,
+        hidden_size=1024,
+        num_attention_heads=16,
+        num_query_groups=8,
+        kv_channels=128,
+        ffn_hidden_size=3072,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qk_layernorm=True,
+        tie_word_embeddings=True,
+    ),
+    "mixtral": dict(
+        _LLAMA,
+        num_layers=32,
+        hidden_size=4096,
+        num_query_groups=8,
+        ffn_hidden_size=14336,
+        rope_theta=1e6,
+        num_experts=8,
+        moe_router_topk=2,
+        moe_aux_loss_coeff=0.02,
+    ),
+    "qwen2_moe": dict(
+        vocab_size=151936,
+        num_layers=24,
+        hidden_size=2048,
+        num_attention_heads=16,
+        num_query_groups=16,
+        ffn_hidden_size=5632,
+        moe_ffn_hidden_size=1408,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        add_qkv_bias=True,
+        num_experts=60,
+        moe_router_topk=4,
+        moe_router_pre_softmax=True,
+        moe_shared_expert_intermediate_size=5632,
+        moe_shared_expert_gate=True,
+        moe_aux_loss_coeff=0.001,
+    ),
+    "qwen3_moe": dict(
+        vocab_size=151936,
+        num_layers=48,
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_query_groups=4,
+        kv_channels=128,
+        ffn_hidden_size=6144,
+        moe_ffn_hidden_size=768,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qk_layernorm=True,
+        num_experts=128,
+        moe_router_topk=8,
+        moe_aux_loss_coeff=0.001,
+    ),
 }

@@ -67,6 +67,6 @@ def init_weights(chunks: Sequence[torch.nn.Module], seed: int, std: float, num_l
         full.mul_(_std_for(key, std, num_layers))
         index = tuple(
             slice(offset, offset + size)
-            for offset, size in zip(sharded.global_offset[prepend:], data.shape)
+            for offset, size in zip(sharded.global_offset[prepend:], data.shape, strict=True)
         )
         data.copy_(full[index])

@@ -55,9 +55,7 @@ class SDPAttention(MegatronModule):
         packed_seq_params=None,
     ) -> Tensor:
         if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError(
-                "packed sequences / attention bias need Transformer Engine's attention here"
-            )
+            raise NotImplementedError("packed sequences / attention bias need Transformer Engine's attention here")
         mask_type = attn_mask_type or self.attn_mask_type
         seq, batch, heads, dim = query.shape
         # SDPA wants [b, heads, s, d].
@@ -68,7 +66,9 @@ class SDPAttention(MegatronModule):
             # Megatron's masks are True where attention is *not* allowed.
             mask = ~attention_mask
         out = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=causal,

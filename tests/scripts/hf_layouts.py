@@ -32,8 +32,15 @@ def loader() -> DataLoader:
 
 
 def trainer(layout: str, devices: int, **kwargs) -> L.Trainer:
-    return L.Trainer(strategy=MegatronStrategy(**parse_layout(layout, devices)), accelerator="cpu",
-                     devices=devices, logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        strategy=MegatronStrategy(**parse_layout(layout, devices)),
+        accelerator="cpu",
+        devices=devices,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def main() -> None:

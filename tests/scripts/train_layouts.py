@@ -25,13 +25,38 @@ from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_cor
 GLOBAL_BATCH = 8
 STEPS = 4
 MODELS = {
-    "dense": dict(family="qwen2", num_layers=4, hidden_size=64, num_attention_heads=4,
-                  num_query_groups=2, ffn_hidden_size=128, tie_word_embeddings=False),
-    "tied": dict(family="qwen3", num_layers=4, hidden_size=64, num_attention_heads=4, kv_channels=16,
-                 num_query_groups=2, ffn_hidden_size=128, tie_word_embeddings=True),
-    "moe": dict(family="qwen2_moe", num_layers=4, hidden_size=64, num_attention_heads=4,
-                num_query_groups=2, ffn_hidden_size=128, moe_ffn_hidden_size=32, num_experts=4,
-                moe_router_topk=2, moe_shared_expert_intermediate_size=64, moe_aux_loss_coeff=0.0),
+    "dense": dict(
+        family="qwen2",
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        tie_word_embeddings=False,
+    ),
+    "tied": dict(
+        family="qwen3",
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        kv_channels=16,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        tie_word_embeddings=True,
+    ),
+    "moe": dict(
+        family="qwen2_moe",
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        moe_ffn_hidden_size=32,
+        num_experts=4,
+        moe_router_topk=2,
+        moe_shared_expert_intermediate_size=64,
+        moe_aux_loss_coeff=0.0,
+    ),
 }
 
 
@@ -73,8 +98,16 @@ class Record(L.Callback):
         trainer.callback_metrics["record/grad_norm"] = torch.tensor(self.grad_norms, dtype=torch.float64)
 
 
-def train(model_name: str, layout: str, devices: int, precision: str, accelerator: str = "cpu",
-          start_method: str = "popen", predict: bool = False, save_dir: str | None = None) -> dict:
+def train(
+    model_name: str,
+    layout: str,
+    devices: int,
+    precision: str,
+    accelerator: str = "cpu",
+    start_method: str = "popen",
+    predict: bool = False,
+    save_dir: str | None = None,
+) -> dict:
     """Train STEPS steps under ``layout``. With ``save_dir``, checkpoint every 2 steps into
     ``save_dir/<layout>``; a layout ``"tp2@pp2"`` instead resumes tp2 from pp2's step-2 checkpoint."""
     layout, _, resume_from = layout.partition("@")
@@ -94,23 +127,43 @@ def train(model_name: str, layout: str, devices: int, precision: str, accelerato
     if save_dir and not resume_from:
         callbacks.append(ModelCheckpoint(dirpath=f"{save_dir}/{layout}", every_n_train_steps=2, save_top_k=-1))
         # Also keep only the best of a checkpoint per step: older ones are deleted on every node.
-        callbacks.append(ModelCheckpoint(dirpath=f"{save_dir}/{layout}-best", every_n_train_steps=1,
-                                         save_top_k=1, monitor="train/loss"))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=f"{save_dir}/{layout}-best", every_n_train_steps=1, save_top_k=1, monitor="train/loss"
+            )
+        )
     trainer = L.Trainer(
-        strategy=strategy, accelerator=accelerator, devices=devices, precision=precision,
-        max_steps=STEPS, logger=False, enable_checkpointing=len(callbacks) > 1, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, limit_val_batches=0,
+        strategy=strategy,
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=len(callbacks) > 1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        limit_val_batches=0,
     )
     module = GPTModule(config, lr=5e-3, warmup_steps=0, lr_decay="constant")
     trainer.fit(module, loader, ckpt_path=ckpt_path)
-    result = {"loss": trainer.callback_metrics["record/loss"].tolist(),
-              "grad_norm": trainer.callback_metrics["record/grad_norm"].tolist()}
+    result = {
+        "loss": trainer.callback_metrics["record/loss"].tolist(),
+        "grad_norm": trainer.callback_metrics["record/grad_norm"].tolist(),
+    }
     if predict:
         # Logits of the trained model on one batch (the prediction path gathers TP shards and
         # broadcasts from the last pipeline stage); a slice is enough to compare layouts.
-        trainer = L.Trainer(strategy=MegatronStrategy(**strategy_kwargs), accelerator=accelerator, devices=devices,
-                            precision=precision, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, limit_predict_batches=1)
+        trainer = L.Trainer(
+            strategy=MegatronStrategy(**strategy_kwargs),
+            accelerator=accelerator,
+            devices=devices,
+            precision=precision,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_predict_batches=1,
+        )
         logits = trainer.predict(module, loader)[0]
         result["logits"] = logits[0, -4:, :32].flatten().tolist()  # sample 0 is on DP rank 0 in every layout
     return result
@@ -130,9 +183,19 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    results = {layout: train(args.model, layout, args.devices, args.precision, args.accelerator,
-                             args.start_method, args.predict, args.save_dir)
-               for layout in args.layouts}
+    results = {
+        layout: train(
+            args.model,
+            layout,
+            args.devices,
+            args.precision,
+            args.accelerator,
+            args.start_method,
+            args.predict,
+            args.save_dir,
+        )
+        for layout in args.layouts
+    }
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     with open(args.out, "w") as f:
