@@ -261,6 +261,13 @@ class MegatronStrategy(DDPStrategy):
             )
         module = self.lightning_module
         self._bare_chunks = self.chunks
+        if trainer.state.fn == TrainerFn.FITTING:
+            # Callbacks that change the model (e.g. Freeze) must act before Megatron's DDP and
+            # optimizer see which parameters are trainable.
+            for callback in trainer.callbacks:
+                hook = getattr(callback, "configure_megatron_model", None)
+                if callable(hook):
+                    hook(trainer, module, self._bare_chunks)
         self.model_to_device()
         chunks = self._wrap_precision(self.chunks)
         if trainer.state.fn == TrainerFn.FITTING:
