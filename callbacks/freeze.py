@@ -59,8 +59,9 @@ class Freeze(L.Callback):
             return name.startswith("embedding.") or (layer is not None and int(layer.group(1)) < bottom)
         return False
 
-    def configure_megatron_model(self, trainer: L.Trainer, module: L.LightningModule,
-                                 chunks: Sequence[torch.nn.Module]) -> None:
+    def configure_megatron_model(
+        self, trainer: L.Trainer, module: L.LightningModule, chunks: Sequence[torch.nn.Module]
+    ) -> None:
         """Called by MegatronStrategy after ``configure_model``, before the Megatron wrappers."""
         num_layers = chunks[0].config.num_layers
         trainable = total = 0
@@ -71,8 +72,9 @@ class Freeze(L.Callback):
             trainable += param.numel() if param.requires_grad else 0
         if not trainable:
             raise ValueError("Freeze left no trainable parameter on this rank; add trainable_parameters")
-        rank_zero_info(f"Freeze: {trainable:,} of {total:,} parameters trainable on rank 0 "
-                       f"({100 * trainable / total:.1f}%)")
+        rank_zero_info(
+            f"Freeze: {trainable:,} of {total:,} parameters trainable on rank 0 ({100 * trainable / total:.1f}%)"
+        )
 
 
 def _global_names(chunks: Sequence[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -85,5 +87,5 @@ def _global_names(chunks: Sequence[torch.nn.Module]) -> Iterator[tuple[str, torc
         for name, param in chunk.named_parameters():
             match = re.match(r"decoder\.layers\.(\d+)\.", name)
             if match:
-                name = f"decoder.layers.{offsets[match.group(1)]}.{name[match.end():]}"
+                name = f"decoder.layers.{offsets[match.group(1)]}.{name[match.end() :]}"
             yield name, param

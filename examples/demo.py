@@ -13,10 +13,10 @@ import warnings
 
 import lightning as L
 import torch
-from lightning_megatron.callbacks import ThroughputMonitor
 from torch.utils.data import DataLoader
 
 from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
+from lightning_megatron.callbacks import ThroughputMonitor
 from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_corpus
 
 

@@ -21,13 +21,24 @@ def fit_with(freeze: Freeze):
             before.update({n: p.detach().clone() for n, p in _global_names(trainer.strategy._bare_chunks)})
             optimizer = trainer.strategy.optimizers[0].megatron
             trained["optimizer_params"] = sum(
-                p.numel() for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-                for group in opt.optimizer.param_groups for p in group["params"]
+                p.numel()
+                for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+                for group in opt.optimizer.param_groups
+                for p in group["params"]
             )
 
-    trainer = L.Trainer(strategy=MegatronStrategy(micro_batch_size=2), accelerator="cpu", devices=1, max_steps=3,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[freeze, Snapshot()], limit_val_batches=0)
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(micro_batch_size=2),
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[freeze, Snapshot()],
+        limit_val_batches=0,
+    )
     trainer.fit(model, loader())
     after = {n: p.detach() for n, p in _global_names(model.chunks)}
     changed = {n for n in before if not torch.equal(before[n], after[n])}

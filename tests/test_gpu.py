@@ -7,10 +7,10 @@ import time
 import lightning as L
 import pytest
 import torch
-from lightning_megatron.callbacks import ThroughputMonitor, model_flops_per_token
 from torch.utils.data import DataLoader
 
 from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
+from lightning_megatron.callbacks import ThroughputMonitor, model_flops_per_token
 from tests.conftest import train_layouts
 
 pytestmark = pytest.mark.gpu
