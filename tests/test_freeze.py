@@ -64,3 +64,19 @@ def test_freeze_ratio_with_trainable_exception():
 def test_freezing_everything_is_refused():
     with pytest.raises(ValueError, match="no trainable parameter"):
         fit_with(Freeze(regex=".*"))
+
+
+@pytest.mark.multiprocess
+def test_freeze_under_pipeline_parallelism_uses_global_layer_names(tmp_path):
+    import json
+
+    from tests.conftest import SCRIPTS, run_job
+
+    run_job([str(SCRIPTS / "freeze_pp.py"), str(tmp_path)], cwd=tmp_path)
+    first, last = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # Stage 0 holds the embedding and layers 0-1; stage 1 holds layers 2-3 (global numbers).
+    assert any(n.startswith("decoder.layers.1.") for n in first["names"])
+    assert any(n.startswith("decoder.layers.3.") for n in last["names"])
+    assert not any(n.startswith(("embedding", "decoder.layers.3.")) for n in first["changed"] + last["changed"])
+    assert any(n.startswith("decoder.layers.2.") for n in last["changed"])
+    assert any(n.startswith("decoder.layers.0.") for n in first["changed"])
