@@ -53,6 +53,10 @@ class DataFormatError(ValueError):
     """A row that cannot be used, with where it came from."""
 
 
+class RowTooLongError(DataFormatError):
+    """A row over ``max_length`` under ``truncation="error"`` (never skipped by ``lenient``)."""
+
+
 def to_messages(row: dict[str, Any], where: str = "row") -> list[dict[str, str]]:
     """Normalize any supported row shape to chat ``messages``."""
     system = row.get("system")
@@ -166,7 +170,7 @@ def truncate(
     if len(ids) <= max_length:
         return ids, labels
     if policy == "error":
-        raise DataFormatError(
+        raise RowTooLongError(
             f"{where}: {len(ids)} tokens exceed max_length={max_length} "
             "(set truncation='drop', 'truncate_left' or 'truncate_right')"
         )

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_megatron.data.sft import (
     DataFormatError,
     LossOn,
+    RowTooLongError,
     Stats,
     Truncation,
     pack,
@@ -158,47 +159,56 @@ class SFTDataModule(L.LightningDataModule):
             f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}"
         )
 
-    def _rows_to_samples(
-        self, rows: list[tuple[str, dict[str, Any]]], pack_rows: bool
-    ) -> list[dict[str, torch.Tensor]]:
-        samples = []
-        for where, row in rows:
-            self.stats.rows += 1
-            try:
-                ids, labels = render(to_messages(row, where), self.tokenizer, self.loss_on)
-                kept = truncate(ids, labels, self.max_length, self.truncation, where, self.stats)
-            except DataFormatError as error:
-                if not self.lenient or "max_length" in str(error):
-                    raise
-                self.stats.skipped_bad.append(str(error))
-                continue
-            if kept is not None:
-                self.stats.kept += 1
-                samples.append(kept)
+    def _rows_to_samples(self, rows: list[tuple[str, dict[str, Any]]], pack_rows: bool) -> list[dict[str, Any]]:
+        samples = [sample for where, row in rows if (sample := self._checked_sample(where, row)) is not None]
         if pack_rows:
-            return pack(samples, self.max_length, self.tokenizer.pad_token_id or 0)
-        return [{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)} for ids, labels in samples]
+            pad = self.tokenizer.pad_token_id or 0
+            return pack([(s["input_ids"], s["labels"]) for s in samples], self.max_length, pad)
+        return [_tensors(sample) for sample in samples]
 
     def _stream_sample(self, where: str, row: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        samples = self._rows_to_samples([(where, row)], pack_rows=False)
-        return samples[0] if samples else None
+        sample = self._checked_sample(where, row)
+        return None if sample is None else _tensors(sample)
+
+    def _checked_sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
+        """One row through :meth:`_sample`, counted; bad rows raise, or are listed when lenient."""
+        self.stats.rows += 1
+        try:
+            sample = self._sample(where, row)
+        except RowTooLongError:
+            raise
+        except DataFormatError as error:
+            if not self.lenient:
+                raise
+            self.stats.skipped_bad.append(str(error))
+            return None
+        if sample is not None:
+            self.stats.kept += 1
+        return sample
+
+    def _sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
+        """Token ids and labels of one row; ``None`` when dropped as too long."""
+        ids, labels = render(to_messages(row, where), self.tokenizer, self.loss_on)
+        kept = truncate(ids, labels, self.max_length, self.truncation, where, self.stats)
+        return None if kept is None else {"input_ids": kept[0], "labels": kept[1]}
 
     def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Pad to the longest row (rounded up to ``pad_to_multiple_of``, for SP/CP)."""
-        longest = max(row["input_ids"].shape[0] for row in rows)
+        """Pad every sequence of the batch to the longest (rounded up to ``pad_to_multiple_of``,
+        for SP/CP). Each ``*input_ids`` gets its ``*attention_mask`` unless the row is packed."""
+        longest = max(value.shape[0] for row in rows for value in row.values())
         length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad = self.tokenizer.pad_token_id or 0
         batch: dict[str, list[torch.Tensor]] = {}
         for row in rows:
-            extra = length - row["input_ids"].shape[0]
             for key, value in row.items():
-                fill = {"input_ids": pad, "labels": -100}.get(key, 0)
+                extra = length - value.shape[0]
+                fill = pad if key.endswith("input_ids") else -100 if key.endswith("labels") else 0
                 batch.setdefault(key, []).append(torch.cat([value, value.new_full((extra,), fill)]))
-            if "segment_ids" not in row:
-                mask = torch.cat(
-                    [torch.ones(row["input_ids"].shape[0], dtype=torch.long), torch.zeros(extra, dtype=torch.long)]
-                )
-                batch.setdefault("attention_mask", []).append(mask)
+                if key.endswith("input_ids") and "segment_ids" not in row:
+                    mask = torch.cat(
+                        [torch.ones(value.shape[0], dtype=torch.long), torch.zeros(extra, dtype=torch.long)]
+                    )
+                    batch.setdefault(key.removesuffix("input_ids") + "attention_mask", []).append(mask)
         return {key: torch.stack(values) for key, values in batch.items()}
 
     def train_dataloader(self) -> DataLoader:
@@ -228,53 +238,24 @@ class PreferenceDataModule(SFTDataModule):
         if self.packing:
             raise ValueError("packing=True is not supported for preference pairs; use packing=False")
 
-    def _rows_to_samples(self, rows, pack_rows):  # noqa: ANN001 - same contract as the parent
+    def _sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
         from lightning_megatron.data.sft import render_preference
 
-        samples = []
-        for where, row in rows:
-            self.stats.rows += 1
-            try:
-                pair = render_preference(row, self.tokenizer, where)
-                kept = {}
-                for side in ("chosen", "rejected"):
-                    cut = truncate(
-                        pair[f"{side}_input_ids"],
-                        pair[f"{side}_labels"],
-                        self.max_length,
-                        self.truncation,
-                        where,
-                        Stats(),
-                    )
-                    if cut is None:
-                        break
-                    kept[f"{side}_input_ids"], kept[f"{side}_labels"] = (torch.tensor(x) for x in cut)
-            except DataFormatError as error:
-                if not self.lenient or "max_length" in str(error):
-                    raise
-                self.stats.skipped_bad.append(str(error))
-                continue
-            if len(kept) < 4:
+        pair = render_preference(row, self.tokenizer, where)
+        sides = Stats()  # a pair counts once, however many of its sides were cut
+        for side in ("chosen", "rejected"):
+            ids, labels = f"{side}_input_ids", f"{side}_labels"
+            cut = truncate(pair[ids], pair[labels], self.max_length, self.truncation, where, sides)
+            if cut is None:
                 self.stats.dropped_too_long += 1
-                continue
-            self.stats.kept += 1
-            samples.append(kept)
-        return samples
+                return None
+            pair[ids], pair[labels] = cut
+        self.stats.truncated += bool(sides.truncated)
+        return pair
 
-    def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(row[key].shape[0] for row in rows for key in row)
-        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad = self.tokenizer.pad_token_id or 0
-        batch: dict[str, list[torch.Tensor]] = {}
-        for row in rows:
-            for side in ("chosen", "rejected"):
-                ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
-                extra = length - ids.shape[0]
-                batch.setdefault(f"{side}_input_ids", []).append(torch.cat([ids, ids.new_full((extra,), pad)]))
-                batch.setdefault(f"{side}_labels", []).append(torch.cat([labels, labels.new_full((extra,), -100)]))
-                mask = torch.cat([torch.ones(ids.shape[0], dtype=torch.long), torch.zeros(extra, dtype=torch.long)])
-                batch.setdefault(f"{side}_attention_mask", []).append(mask)
-        return {key: torch.stack(values) for key, values in batch.items()}
+
+def _tensors(sample: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    return {key: torch.tensor(values) for key, values in sample.items()}
 
 
 __all__ = ["PreferenceDataModule", "SFTDataModule", "parse_source", "read_rows"]
