@@ -133,6 +133,7 @@ class MegatronCheckpointIO(CheckpointIO):
         shutil.rmtree(path, ignore_errors=True)
 
     def teardown(self) -> None:
+        # Lightning's Strategy.teardown calls this: an async save still in flight lands now.
         self.finalize(blocking=True)
 
     # ------------------------------------------------------------------------------ loading

@@ -406,13 +406,17 @@ class MegatronStrategy(DDPStrategy):
         return self.precision_plugin.post_backward(closure_loss, module)
 
     # --------------------------------------------------------------------------- checkpoints
-    def _model_sharded_state_dict(self) -> dict[str, Any]:
-        # From the unwrapped chunks: checkpoint keys must not depend on the 16-bit/DDP wrappers
-        # (the wrapped and bare chunks share their parameters).
+    def _checkpoint_chunks(self) -> dict[str, torch.nn.Module]:
+        """The unwrapped chunks by checkpoint name (``model``, or ``model0``, ``model1``... with
+        vpp): checkpoint keys must not depend on the 16-bit/DDP wrappers, which share the
+        parameters of the chunks they wrap."""
         chunks = self._bare_chunks or self.chunks
         if len(chunks) == 1:
-            return {"model": chunks[0].sharded_state_dict()}
-        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+            return {"model": chunks[0]}
+        return {f"model{i}": chunk for i, chunk in enumerate(chunks)}
+
+    def _model_sharded_state_dict(self) -> dict[str, Any]:
+        return {name: chunk.sharded_state_dict() for name, chunk in self._checkpoint_chunks().items()}
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """This rank's shards of the model (Megatron ``ShardedTensor``s), keyed by chunk."""
@@ -422,12 +426,16 @@ class MegatronStrategy(DDPStrategy):
         return self._optimizer_sharded_state_dict(optimizer, self.checkpoint_io.optim_format, is_loading=False)
 
     def _optimizer_sharded_state_dict(
-        self, optimizer: MegatronOptimizer, optim_format: str, is_loading: bool
+        self,
+        optimizer: MegatronOptimizer,
+        optim_format: str,
+        is_loading: bool,
+        model_state: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if is_loading:
             prime_optimizer_state(optimizer.megatron)
         state = optimizer.megatron.sharded_state_dict(
-            self._model_sharded_state_dict(),
+            model_state or self._model_sharded_state_dict(),
             is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": optim_format},
         )
@@ -523,7 +531,9 @@ class MegatronStrategy(DDPStrategy):
                     "or save with MegatronCheckpointIO(optim_format='fully_reshardable')"
                 )
             template["optimizer_states"] = [
-                self._optimizer_sharded_state_dict(self.optimizers[0], optim_format, is_loading=True)
+                self._optimizer_sharded_state_dict(
+                    self.optimizers[0], optim_format, is_loading=True, model_state=template["state_dict"]
+                )
             ]
         same_layout = info["layout"] == self._layout()
         load_rng = fitting and not (io.finetune or io.no_load_rng) and "rng_state" in info["contents"]
@@ -569,9 +579,7 @@ class MegatronStrategy(DDPStrategy):
 
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         state = checkpoint["state_dict"]
-        chunks = self._bare_chunks or self.chunks
-        names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        for name, chunk in zip(names, chunks, strict=True):
+        for name, chunk in self._checkpoint_chunks().items():
             chunk.load_state_dict(state[name], strict=strict)
         if self.optimizers and not self._restore_optimizer:
             # 16-bit training keeps fp32 master weights in the optimizer: without a saved optimizer
@@ -593,7 +601,6 @@ class MegatronStrategy(DDPStrategy):
         if module is not None and self._bare_chunks is not None:
             module.chunks = torch.nn.ModuleList(self._bare_chunks)
             self._bare_chunks = None
-        self.checkpoint_io.finalize(blocking=True)  # an async save still in flight lands now
         self._restore_optimizer = True
         self.optimizers = []
         self.lr_scheduler_configs = []

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
 from lightning_megatron.callbacks import ThroughputMonitor, model_flops_per_token
 from tests.conftest import train_layouts
+from tests.test_training import Losses
 
 pytestmark = pytest.mark.gpu
 
@@ -32,11 +33,7 @@ def test_bf16_one_billion_tp1_trains():
     rows = torch.randint(0, 32000, (global_batch * steps, seq))
     data = [{"input_ids": r, "labels": r} for r in rows]
     monitor = ThroughputMonitor(window=4)
-    losses = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
+    record = Losses()
 
     config = GPTConfig.preset("llama", **ONE_B)
     model = GPTModule(config, lr=3e-4)
@@ -49,10 +46,11 @@ def test_bf16_one_billion_tp1_trains():
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
-        callbacks=[monitor, Record()],
+        callbacks=[monitor, record],
     )
     start = time.perf_counter()
     trainer.fit(model, DataLoader(data, batch_size=global_batch))
+    losses = record.values
     params = sum(p.numel() for p in model.parameters())
     last = monitor.history[-1]
     print(
@@ -84,11 +82,7 @@ def test_gpu_resume_matches_uninterrupted(tmp_path):
     data = TokenBlocks.from_text(bundled_corpus()[:40000], ByteTokenizer(), 128)
 
     def fit(steps, ckpt_path=None, callbacks=()):
-        losses = []
-
-        class Record(L.Callback):
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                losses.append(float(outputs["loss"]))
+        record = Losses()
 
         config = GPTConfig.preset(
             "qwen2",
@@ -108,12 +102,12 @@ def test_gpu_resume_matches_uninterrupted(tmp_path):
             logger=False,
             enable_progress_bar=False,
             enable_checkpointing=bool(callbacks),
-            callbacks=[Record(), *callbacks],
+            callbacks=[record, *callbacks],
         )
         trainer.fit(
             GPTModule(config, lr=1e-3, lr_decay="constant"), DataLoader(data, batch_size=8), ckpt_path=ckpt_path
         )
-        return losses
+        return record.values
 
     uninterrupted = fit(4)
     fit(2, callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)])

@@ -31,6 +31,18 @@ EXPECTED = [
 ]
 
 
+def tiny_config(tokenizer) -> GPTConfig:
+    return GPTConfig.preset(
+        "qwen2",
+        vocab_size=len(tokenizer),
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+    )
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer([bundled_corpus()[:60000]], vocab_size=512)
@@ -135,15 +147,7 @@ def test_packing_gives_each_sample_its_own_logits(tokenizer):
     """A packed row's logits at each sample's positions equal that sample run alone."""
     samples = [render(to_messages(r), tokenizer) for r in rows_of(3)]
     (row,) = pack(samples, seq_length=sum(len(ids) for ids, _ in samples) + 5)
-    config = GPTConfig.preset(
-        "qwen2",
-        vocab_size=len(tokenizer),
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-    )
+    config = tiny_config(tokenizer)
     model = GPTModule(config)
     trainer = L.Trainer(
         strategy=MegatronStrategy(),
@@ -173,15 +177,7 @@ def test_packing_gives_each_sample_its_own_logits(tokenizer):
 def test_sft_datamodule_trains_with_packing(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", rows_of(40))
     dm = SFTDataModule([f"{data}#60"], tokenizer, max_length=96, packing=True, batch_size=2, split_dataset_ratio=0.1)
-    config = GPTConfig.preset(
-        "qwen2",
-        vocab_size=len(tokenizer),
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-    )
+    config = tiny_config(tokenizer)
     losses = []
 
     class Record(L.Callback):

@@ -97,9 +97,6 @@ class SafetensorsReader:
             )
         self._open: dict[str, Any] = {}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise KeyError(f"{name} is not in the Hugging Face checkpoint {self.directory}")
