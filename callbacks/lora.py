@@ -109,7 +109,7 @@ def _check_modules_to_save(wanted: Sequence[str], matched: set[str], chunks: Seq
         torch.distributed.all_reduce(missing, op=torch.distributed.ReduceOp.MIN)
     absent = [p for p, m in zip(wanted, missing.tolist(), strict=True) if m]
     if absent:
-        names = sorted({n.split(".layers.")[0] for n, _ in _global_names(chunks)})
+        names = sorted({n.split(".layers.")[0] + ".layers" if ".layers." in n else n for n, _ in _global_names(chunks)})
         raise ValueError(f"LoRA modules_to_save {absent} match no parameter; top-level names: {names}")
 
 
