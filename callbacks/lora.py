@@ -33,6 +33,9 @@ class LoRA(L.Callback):
         modules_to_save: also train (and save) these, fully: Megatron name prefixes
             (``output_layer``, ``embedding``, ``decoder.final_layernorm``) or ``lm_head``,
             ``embed_tokens``, ``norm``.
+        base_load: a torch_dist checkpoint (full, saved without LoRA) holding the base weights,
+            loaded before anything else (Megatron-SWIFT's ``--load``); not needed when the module
+            comes from ``GPTModule.from_hf``.
         adapter_load: start from the adapters of this checkpoint (weights only; the optimizer,
             schedule and step start fresh). To resume a run, pass ``ckpt_path`` to ``fit`` instead.
         adapter_only_checkpoint: save adapters (and ``modules_to_save``) only; ``False`` saves
@@ -54,6 +57,7 @@ class LoRA(L.Callback):
         use_rslora: bool = False,
         init: str = "kaiming",
         seed: int = 42,
+        base_load: str | Path | None = None,
         adapter_load: str | Path | None = None,
         adapter_only_checkpoint: bool = True,
     ) -> None:
@@ -68,7 +72,7 @@ class LoRA(L.Callback):
             seed=seed,
         )
         self.modules_to_save = tuple(_MODULE_ALIASES.get(name, name) for name in modules_to_save)
-        self.adapter_load = adapter_load
+        self.base_load, self.adapter_load = base_load, adapter_load
         self.adapter_only_checkpoint = adapter_only_checkpoint
 
     def trainable(self, key: str) -> bool:
@@ -90,12 +94,16 @@ class LoRA(L.Callback):
             trainable += param.numel() if keep else 0
         _check_modules_to_save(self.modules_to_save, matched_to_save, chunks)
         strategy = trainer.strategy
-        strategy.checkpoint_info_extras["lora"] = self.config.to_dict() | {
-            "modules_to_save": list(self.modules_to_save)
+        saved_with = {
+            "modules_to_save": list(self.modules_to_save),
+            "base_load": self.base_load and str(self.base_load),
         }
+        strategy.checkpoint_info_extras["lora"] = self.config.to_dict() | saved_with
         strategy.model_state_filter = self.trainable if self.adapter_only_checkpoint else None
+        if self.base_load is not None:
+            load_weights(strategy, self.base_load, adapters=False)
         if self.adapter_load is not None:
-            load_adapters(strategy, self.adapter_load)
+            load_weights(strategy, self.adapter_load, adapters=True)
         rank_zero_info(
             f"LoRA r={self.config.r} alpha={self.config.alpha} on {len(wrapped)} linears: {trainable:,} of "
             f"{total:,} parameters trainable on rank 0 ({100 * trainable / max(total, 1):.2f}%)"
@@ -113,16 +121,21 @@ def _check_modules_to_save(wanted: Sequence[str], matched: set[str], chunks: Seq
         raise ValueError(f"LoRA modules_to_save {absent} match no parameter; top-level names: {names}")
 
 
-def load_adapters(strategy, path: str | Path) -> None:
-    """Copy the adapters (and modules_to_save) of an adapter checkpoint into the model, in place."""
+def load_weights(strategy, path: str | Path, adapters: bool) -> None:
+    """Copy the adapters (and modules_to_save) of a LoRA checkpoint, or the base weights of a
+    checkpoint saved without LoRA, into the model in place (weights only)."""
     from lightning_megatron.checkpoint import CheckpointError, read_info
 
     info = read_info(path)
-    if "lora" not in info:
-        raise CheckpointError(f"adapter_load={str(path)!r} holds no LoRA adapters; pass a checkpoint saved with LoRA")
+    if adapters != ("lora" in info):
+        what = "holds no LoRA adapters" if adapters else "holds LoRA adapters, not base weights"
+        option = "adapter_load" if adapters else "base_load"
+        raise CheckpointError(
+            f"{option}={str(path)!r} {what}; pass a checkpoint saved {'with' if adapters else 'without'} LoRA"
+        )
     keep = strategy._saved_model_keys(info, path)
     template = {"state_dict": strategy._model_sharded_state_dict(keep)}
     loaded = strategy.checkpoint_io.load_checkpoint(path, sharded_state_dict=template)["state_dict"]
     for name, chunk in strategy._checkpoint_chunks().items():
         chunk.load_state_dict(loaded[name], strict=False)
-    rank_zero_info(f"LoRA: adapters loaded from {path}")
+    rank_zero_info(f"LoRA: {'adapters' if adapters else 'base weights'} loaded from {path}")

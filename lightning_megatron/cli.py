@@ -2,6 +2,7 @@
 
     lightning-megatron export --to-mcore --model HF_DIR --output CKPT_DIR [--tp 2 --pp 2]
     lightning-megatron export --to-hf --load CKPT_DIR --output HF_DIR [--test-convert-precision]
+    lightning-megatron export --to-hf --adapters LORA_CKPT [--load BASE] --output DIR [--merge-lora]
     lightning-megatron check --model HF_DIR --load CKPT_DIR
     lightning-megatron preprocess --input data.jsonl --output-prefix out/data --tokenizer TOKENIZER_DIR
 
@@ -123,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     direction.add_argument("--to-hf", action="store_true", help="torch_dist checkpoint -> HF directory")
     export.add_argument("--model", help="Hugging Face model directory (source for --to-mcore)")
     export.add_argument("--load", help="torch_dist checkpoint directory (source for --to-hf)")
+    export.add_argument(
+        "--adapters",
+        help="a LoRA checkpoint: written as a PEFT adapter directory, or with --merge-lora folded into the base "
+        "(--load, or a Hugging Face directory; default: the HF model the adapters were trained on)",
+    )
+    export.add_argument("--merge-lora", action="store_true", help="with --adapters: write the merged model")
     export.add_argument("--output", required=True)
     export.add_argument("--tp", type=int, default=1)
     export.add_argument("--pp", type=int, default=1)
@@ -159,9 +166,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--to-mcore needs --model HF_DIR")
         to_mcore(args.model, args.output, args.tp, args.pp, args.ep)
         hf_dir, checkpoint = args.model, args.output
+    elif args.adapters:
+        from lightning_megatron.hf import export_peft, merge_lora_to_hf
+
+        if args.merge_lora:
+            merge_lora_to_hf(args.adapters, args.output, base=args.load)
+            print(f"wrote the merged model to {args.output}", flush=True)
+        else:
+            export_peft(args.adapters, args.output)
+            print(f"wrote PEFT adapters to {args.output}", flush=True)
+        return 0
     else:
         if not args.load:
             parser.error("--to-hf needs --load CKPT_DIR")
+        if args.merge_lora:
+            parser.error("--merge-lora needs --adapters LORA_CKPT")
         from lightning_megatron import export_hf
 
         export_hf(args.load, args.output)

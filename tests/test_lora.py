@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -167,8 +168,8 @@ def trainer(callbacks: list, steps: int = 2) -> L.Trainer:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
         limit_val_batches=0,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         callbacks=callbacks,
     )
 
@@ -241,3 +242,30 @@ def test_adapter_load_and_adapter_checkpoint_errors(qwen2, tp1):
         trainer([]).predict(GPTModule.from_hf(qwen2), batches(), ckpt_path=trained)
     with pytest.raises(CheckpointError, match="another shape.*r=4 saved, 8 here"):
         trainer([LoRA(r=8, alpha=8)]).predict(GPTModule.from_hf(qwen2), batches(), ckpt_path=trained)
+
+
+def test_cli_exports_peft_and_merged(qwen2, tp1, tmp_path):
+    import transformers
+
+    from lightning_megatron.cli import main
+
+    out, result = tp1
+    trained = str(step_checkpoint(out, 4))
+    assert main(["export", "--to-hf", "--adapters", trained, "--output", str(tmp_path / "peft")]) == 0
+    assert_close(peft_model(qwen2, tmp_path / "peft")(BATCH).logits.detach(), result["trained_logits"], "CLI PEFT")
+    merged = tmp_path / "merged"
+    assert main(["export", "--to-hf", "--adapters", trained, "--merge-lora", "--output", str(merged)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert_close(model(BATCH).logits.detach(), result["trained_logits"], "CLI merged")
+
+
+def test_base_load_from_a_full_checkpoint(tmp_path):
+    full = tiny()
+    fit(full, [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)])
+    base = next(tmp_path.iterdir())
+    expected = trainer([]).predict(full, batches())[0]
+    other = GPTModule(full.config, seed=99)  # different initial weights, replaced by base_load
+    logits = trainer([LoRA(r=2, base_load=base)]).predict(other, batches())[0]  # B = 0: the base model
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(Exception, match="adapter_load=.*holds no LoRA adapters"):
+        trainer([LoRA(r=2, adapter_load=base)]).predict(GPTModule(full.config), batches())
