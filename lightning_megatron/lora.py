@@ -22,10 +22,11 @@ folds ``scale * B A`` into each rank's own shard of ``W`` (no communication) and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -140,9 +141,12 @@ class LoRALinear:
     lora_config: LoRAConfig
     lora_parallel: str  # "column" or "row"
     lora_gated: bool  # fc1 of a gated MLP: B's rows are [gate; up] per TP rank
+    lora_enabled: bool = True  # False inside adapters_disabled(): the base model alone
 
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
+        if not self.lora_enabled:
+            return output, bias
         return output + self.lora_update(input_, gather_output=self._gathers_output(*args, **kwargs)), bias
 
     def _gathers_output(self, weight=None, runtime_gather_output=None) -> bool:
@@ -344,6 +348,19 @@ def merge_lora(chunks: Sequence[torch.nn.Module]) -> int:
 
 def lora_layers(chunks: Sequence[torch.nn.Module]) -> list[LoRALinear]:
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Run the base model: every adapter is skipped inside the block (DPO's reference model)."""
+    layers = lora_layers(chunks)
+    for layer in layers:
+        layer.lora_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.lora_enabled  # back to the class default
 
 
 def is_adapter_key(key: str) -> bool:

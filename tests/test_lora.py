@@ -62,16 +62,9 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4)
     assert diff < tol, f"{what}: max difference {diff}"
 
 
-def check_against_peft(hf: Path, out: Path, result: dict) -> None:
-    export_peft(out / "init", out / "peft_init", progress=False)
-    export_peft(out / "grads", out / "peft_grads", progress=False)
-    model = peft_model(hf, out / "peft_init", trainable=True)
-    reference = model(BATCH, labels=BATCH)
-    assert_close(reference.logits.detach(), result["init_logits"], "initial logits vs peft")
-    assert reference.loss.item() == pytest.approx(result["losses"][0], abs=1e-5)
-    reference.loss.backward()
-
-    ours = load_file(out / "peft_grads" / "adapter_model.safetensors")
+def assert_same_adapter_grads(exported_grads: Path, model) -> None:
+    """Our adapter gradients (a checkpoint of them, exported to PEFT form) vs the peft model's."""
+    ours = load_file(exported_grads / "adapter_model.safetensors")
     theirs = {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert sorted(ours) == sorted(theirs)
     summed_a: dict[str, torch.Tensor] = collections.defaultdict(lambda: 0)
@@ -86,6 +79,17 @@ def check_against_peft(hf: Path, out: Path, result: dict) -> None:
             m for m, fused in [*FUSED.items(), ("o_proj", "o_proj"), ("down_proj", "down_proj")] if fused in name
         )
         torch.testing.assert_close(ours[name.replace(FUSED.get(part, part), part)], grad, rtol=1e-4, atol=1e-6)
+
+
+def check_against_peft(hf: Path, out: Path, result: dict) -> None:
+    export_peft(out / "init", out / "peft_init", progress=False)
+    export_peft(out / "grads", out / "peft_grads", progress=False)
+    model = peft_model(hf, out / "peft_init", trainable=True)
+    reference = model(BATCH, labels=BATCH)
+    assert_close(reference.logits.detach(), result["init_logits"], "initial logits vs peft")
+    assert reference.loss.item() == pytest.approx(result["losses"][0], abs=1e-5)
+    reference.loss.backward()
+    assert_same_adapter_grads(out / "peft_grads", model)
 
     # Trained adapters: the PEFT export and the merged HF export reproduce Megatron's logits.
     trained = step_checkpoint(out, 4)

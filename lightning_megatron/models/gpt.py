@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ class GPTModule(L.LightningModule):
         self.config = config
         self.chunks: torch.nn.ModuleList | None = None
         self._built_for: tuple | None = None
+        # (microbatch, prepared inputs) -> Megatron loss function; None: the token-mean LM loss.
+        # Callbacks that change the training objective (DPO) set it.
+        self.objective: Callable[[dict[str, Tensor], dict[str, Any]], Callable] | None = None
 
     # ----------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -85,6 +88,12 @@ class GPTModule(L.LightningModule):
                 f"etp={strategy.parallel.expert_tp}: expert tensor parallelism all-gathers uneven "
                 "token counts, which gloo cannot do; on CPU set etp=1 (e.g. tp=2, ep=2, etp=1)"
             )
+        self.chunks = torch.nn.ModuleList(self.build_chunks(strategy))
+        self._built_for = layout
+
+    def build_chunks(self, strategy: Any, initialize: bool = True) -> list[torch.nn.Module]:
+        """New model chunks for the strategy's layout: initialized from ``seed`` and, with
+        ``hf_source``, loaded from it (``initialize=False`` leaves them uninitialized)."""
         tconfig = self.config.to_transformer_config(**strategy.transformer_config_kwargs())
         tp = ps.get_tensor_model_parallel_world_size()
         vpp = strategy.parallel.vpp or 1
@@ -106,13 +115,13 @@ class GPTModule(L.LightningModule):
                     vp_stage=vp_stage,
                 )
             )
-        init_weights(chunks, self.hparams.seed, self.config.init_method_std, self.config.num_layers)
-        if self.hparams.hf_source:
-            from lightning_megatron.hf import load_hf_weights
+        if initialize:
+            init_weights(chunks, self.hparams.seed, self.config.init_method_std, self.config.num_layers)
+            if self.hparams.hf_source:
+                from lightning_megatron.hf import load_hf_weights
 
-            load_hf_weights(chunks, self.hparams.hf_source, self.config)
-        self.chunks = torch.nn.ModuleList(chunks)
-        self._built_for = layout
+                load_hf_weights(chunks, self.hparams.hf_source, self.config)
+        return chunks
 
     @classmethod
     def from_hf(cls, source: str | Path, **kwargs: Any) -> GPTModule:
@@ -157,11 +166,16 @@ class GPTModule(L.LightningModule):
             inputs["attention_mask"],
             labels=inputs["labels"],
         )
+        if self.objective is not None:
+            return output, self.objective(batch, inputs)
         return output, partial(masked_token_loss, inputs["loss_mask"])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         metrics = self.trainer.strategy.forward_backward(batch)
         self.log("train/loss", metrics["loss"], prog_bar=True, batch_size=_batch_size(batch))
+        for name, value in metrics.items():
+            if name not in ("loss", "num_tokens"):
+                self.log(f"train/{name}", value, batch_size=_batch_size(batch))
         self.log_moe_losses()
         return metrics["loss"]
 
@@ -176,6 +190,9 @@ class GPTModule(L.LightningModule):
         # Token-weighted over the epoch: Lightning's weighted mean with num_tokens as weight.
         n = int(metrics["num_tokens"].item())
         self.log("val/loss", metrics["loss"], batch_size=max(n, 1), sync_dist=False, prog_bar=True)
+        for name, value in metrics.items():
+            if name not in ("loss", "num_tokens"):
+                self.log(f"val/{name}", value, batch_size=max(n, 1))
         return metrics["loss"]
 
     def on_validation_epoch_end(self) -> None:

@@ -42,7 +42,7 @@ class Record(L.Callback):
     """Losses per step; at the first step, the initial adapters and their gradients as checkpoints."""
 
     def __init__(self, out: Path | None) -> None:
-        self.out, self.losses = out, []
+        self.out, self.losses, self.metrics = out, [], []
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         if self.out is None or trainer.global_step != 0:
@@ -58,7 +58,9 @@ class Record(L.Callback):
             p.data = data
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        self.losses.append(metrics["train/loss"])
+        self.metrics.append(metrics)
 
 
 def make_trainer(args, callbacks=(), **kwargs) -> L.Trainer:
