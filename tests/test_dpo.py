@@ -255,3 +255,12 @@ def test_reference_checkpoint_of_another_architecture_is_refused(tmp_path):
         trainer([DPO(ref_load=checkpoint)], steps=1).fit(
             GPTModule(tiny_config()), DataLoader(rule_pairs(2, 0), batch_size=2)
         )
+
+
+def test_lora_dpo_example_runs(tmp_path):
+    from tests.conftest import ROOT
+
+    out = tmp_path / "out"
+    run_job([str(ROOT / "examples" / "lora_dpo.py"), "--tiny", "--max-steps", "4", "--out", str(out)], cwd=tmp_path)
+    assert (out / "peft" / "adapter_config.json").exists()
+    assert (out / "merged" / "config.json").exists() and (out / "merged" / "tokenizer.json").exists()
