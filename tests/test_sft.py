@@ -374,37 +374,3 @@ def test_streaming_sft_resumes_at_the_next_unseen_batch(tmp_path, tokenizer):
     uninterrupted = fit(6)
     fit(3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3)])
     assert fit(6, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt") == uninterrupted[3:]
-
-
-def test_indexed_dataset_preprocess_and_blocks(tmp_path, tokenizer):
-    """`lightning-megatron preprocess` writes Megatron's .bin/.idx; reading them gives the same
-    blocks as tokenizing the text directly."""
-    import subprocess
-    import sys
-
-    from lightning_megatron.data.pretrain import PretrainDataModule
-    from tests.conftest import job_env
-
-    docs = [f"document {i}: " + "lorem ipsum dolor " * (i % 5 + 1) for i in range(30)]
-    write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
-    tokenizer.save_pretrained(tmp_path / "tok")
-    cmd = [
-        sys.executable,
-        "-m",
-        "lightning_megatron.cli",
-        "preprocess",
-        "--input",
-        str(tmp_path / "docs.jsonl"),
-        "--output-prefix",
-        str(tmp_path / "out" / "docs"),
-        "--tokenizer",
-        str(tmp_path / "tok"),
-    ]
-    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stdout + proc.stderr
-    indexed = PretrainDataModule([tmp_path / "out" / "docs.bin"], tokenizer, seq_length=16)
-    raw = PretrainDataModule([tmp_path / "docs.jsonl"], tokenizer, seq_length=16)
-    indexed.setup()
-    raw.setup()
-    assert len(indexed.train) > 10
-    assert [r["input_ids"].tolist() for r in indexed.train] == [r["input_ids"].tolist() for r in raw.train]
