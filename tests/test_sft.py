@@ -374,3 +374,52 @@ def test_streaming_sft_resumes_at_the_next_unseen_batch(tmp_path, tokenizer):
     uninterrupted = fit(6)
     fit(3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3)])
     assert fit(6, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt") == uninterrupted[3:]
+
+
+def test_packed_seq_params_from_segments():
+    from lightning_megatron.models.gpt import packed_seq_params
+
+    params = packed_seq_params(torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]]))
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == [0, 3, 5, 7, 14]
+    assert params.max_seqlen_q == params.max_seqlen_kv == 7
+    # The same id at the end of one row and the start of the next is two sequences.
+    assert packed_seq_params(torch.tensor([[1, 1], [1, 1]])).cu_seqlens_q.tolist() == [0, 2, 4]
+
+
+def test_thd_packing_gives_each_sample_its_own_logits_and_the_mask_paths_loss(tokenizer):
+    """Packed rows in Megatron's THD format (PackedSeqParams, RoPE restarted per sample through
+    cu_seqlens): two rows per microbatch, each sample's logits equal it run alone, and the loss
+    equals the block-diagonal-mask path's."""
+    samples = [render(to_messages(r), tokenizer) for r in rows_of(5)]
+    rows = pack(samples, seq_length=sum(len(ids) for ids, _ in samples[:3]) + 4)
+    assert len(rows) == 2
+    config = tiny_config(tokenizer)
+
+    def trainer():
+        return L.Trainer(
+            strategy=MegatronStrategy(micro_batch_size=2),
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    thd = GPTModule(config, packed_format="thd")
+    packed = trainer().predict(thd, DataLoader(rows, batch_size=2))[0]
+    placed = [
+        (r, rows[r]["segment_ids"] == k) for r in range(2) for k in range(1, int(rows[r]["segment_ids"].max()) + 1)
+    ]
+    assert len(placed) == len(samples)
+    for (ids, _), (r, where) in zip(samples, placed, strict=True):
+        twice = [{"input_ids": torch.tensor(ids)}] * 2  # one microbatch of 2 rows, as the packed ones
+        alone = trainer().predict(thd, DataLoader(twice, batch_size=2))[0][0]
+        assert (packed[r][where] - alone).abs().max() < 1e-5
+    losses = {
+        fmt: trainer().validate(GPTModule(config, packed_format=fmt), DataLoader(rows, batch_size=2), verbose=False)[0][
+            "val/loss"
+        ]
+        for fmt in ("thd", "mask")
+    }
+    assert losses["thd"] == pytest.approx(losses["mask"], abs=1e-5)

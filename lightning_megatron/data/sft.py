@@ -163,6 +163,13 @@ class Stats:
     dropped_too_long: int = 0
     skipped_bad: list[str] = field(default_factory=list)
 
+    def add(self, other: Stats) -> None:
+        self.rows += other.rows
+        self.kept += other.kept
+        self.truncated += other.truncated
+        self.dropped_too_long += other.dropped_too_long
+        self.skipped_bad += other.skipped_bad
+
 
 def truncate(
     ids: list[int], labels: list[int], max_length: int, policy: Truncation, where: str, stats: Stats
@@ -288,3 +295,52 @@ def render_preference(row: dict[str, Any], tokenizer: Any, where: str = "row") -
         ids, labels = render([*prompt, {"role": "assistant", "content": answer}], tokenizer, loss_on="last")
         out[f"{name}_input_ids"], out[f"{name}_labels"] = ids, labels
     return out
+
+
+# ------------------------------------------------------------------------------ one row
+@dataclass
+class RowRenderer:
+    """A row -> ``(sample, stats)``: its token ids and labels (``None`` when dropped as too long or,
+    with ``lenient``, skipped as bad) and what happened to it. Plain data, so worker processes can
+    run it. ``preference`` renders chosen/rejected pairs (:func:`render_preference`) instead.
+    """
+
+    tokenizer: Any
+    max_length: int
+    loss_on: LossOn = "assistant"
+    truncation: Truncation = "error"
+    lenient: bool = False
+    preference: bool = False
+
+    def __call__(self, item: tuple[str, dict[str, Any]]) -> tuple[dict[str, list[int]] | None, Stats]:
+        where, row = item
+        stats = Stats(rows=1)
+        try:
+            sample = self._pair(where, row, stats) if self.preference else self._sample(where, row, stats)
+        except RowTooLongError:
+            raise
+        except DataFormatError as error:
+            if not self.lenient:
+                raise
+            stats.skipped_bad.append(str(error))
+            return None, stats
+        stats.kept += sample is not None
+        return sample, stats
+
+    def _sample(self, where: str, row: dict[str, Any], stats: Stats) -> dict[str, list[int]] | None:
+        ids, labels = render(to_messages(row, where), self.tokenizer, self.loss_on)
+        kept = truncate(ids, labels, self.max_length, self.truncation, where, stats)
+        return None if kept is None else {"input_ids": kept[0], "labels": kept[1]}
+
+    def _pair(self, where: str, row: dict[str, Any], stats: Stats) -> dict[str, list[int]] | None:
+        pair = render_preference(row, self.tokenizer, where)
+        sides = Stats()  # a pair counts once, however many of its sides were cut
+        for side in ("chosen", "rejected"):
+            ids, labels = f"{side}_input_ids", f"{side}_labels"
+            cut = truncate(pair[ids], pair[labels], self.max_length, self.truncation, where, sides)
+            if cut is None:
+                stats.dropped_too_long += 1
+                return None
+            pair[ids], pair[labels] = cut
+        stats.truncated += bool(sides.truncated)
+        return pair

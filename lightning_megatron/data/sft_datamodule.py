@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +16,11 @@ from torch.utils.data import DataLoader
 from lightning_megatron.data.sft import (
     DataFormatError,
     LossOn,
-    RowTooLongError,
+    RowRenderer,
     Stats,
     Truncation,
     pack,
-    render,
     sample_sources,
-    to_messages,
-    truncate,
     use_template,
 )
 
@@ -90,7 +88,14 @@ class SFTDataModule(L.LightningDataModule):
             data-parallel rank (:class:`~lightning_megatron.data.streaming.StreamingRows`); no
             ``#N`` sampling, packing or split then (validation comes from ``val_sources``).
         val_sources: validation files used as they are (with or without streaming).
+        num_proc: processes tokenizing the rows (not with streaming: there the DataLoader's
+            ``num_workers`` tokenize).
+        cache_dir: keep the tokenized rows here, keyed by the files (path, size, modification
+            time), the tokenizer and chat template, and every option that changes the rows; a
+            second run with the same key reads them instead of tokenizing. ``None``: no cache.
     """
+
+    preference = False  # rows are chosen/rejected pairs (PreferenceDataModule)
 
     def __init__(
         self,
@@ -110,6 +115,8 @@ class SFTDataModule(L.LightningDataModule):
         model_author: str | None = None,
         streaming: bool = False,
         val_sources: Sequence[str] = (),
+        num_proc: int = 1,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.sources, self.tokenizer, self.max_length = list(sources), tokenizer, max_length
@@ -119,8 +126,11 @@ class SFTDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.model_name, self.model_author = model_name, model_author
         self.streaming, self.val_sources = streaming, list(val_sources)
+        self.num_proc, self.cache_dir = num_proc, cache_dir
         if streaming and (packing or split_dataset_ratio or any("#" in src for src in self.sources)):
             raise ValueError("streaming=True reads files as they are: no packing, split_dataset_ratio or '#N'")
+        if streaming and cache_dir is not None:
+            raise ValueError("streaming=True tokenizes lazily, nothing to cache: drop cache_dir (or streaming)")
         self.stats = Stats()
         self.train: Any = []  # samples, packed rows, or a StreamingRows dataset
         self._prepared = False
@@ -131,13 +141,32 @@ class SFTDataModule(L.LightningDataModule):
             return
         self._prepared = True
         use_template(self.tokenizer, self.template)
-        if self.val_sources:
-            self.val = self._rows_to_samples([r for src in self.val_sources for r in read_rows(src)], self.packing)
         if self.streaming:
             from lightning_megatron.data.streaming import StreamingRows
 
-            self.train = StreamingRows(self.sources, self._stream_sample)
+            if self.val_sources:
+                self.val = self._finish(self._samples([r for src in self.val_sources for r in read_rows(src)]))
+            self.train = StreamingRows(self.sources, self._stream_sample, filler=self._filler())
             return
+        cached = self._cached()
+        if cached is None:
+            train, val = self._tokenize()
+            if self.cache_dir is not None:
+                from lightning_megatron.data import sft_cache
+
+                sft_cache.save(self.cache_dir, self._cache_key(), dataclasses.asdict(self.stats), train=train, val=val)
+        else:
+            train, val = cached
+        self.train, self.val = self._finish(train), self._finish(val)
+        s = self.stats
+        rank_zero_info(
+            f"SFT data{' (from the cache)' if cached is not None else ''}: {s.rows} rows, {s.kept} kept, "
+            f"{s.truncated} truncated, {s.dropped_too_long} dropped (too long), {len(s.skipped_bad)} skipped (bad); "
+            f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}"
+        )
+
+    def _tokenize(self) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+        """Read, sample, split and tokenize the sources: ``(train samples, validation samples)``."""
         loaded = []
         for source in self.sources:
             path, count = parse_source(source)
@@ -150,47 +179,73 @@ class SFTDataModule(L.LightningDataModule):
         rows = sample_sources(loaded, self.seed)
         held_out = int(round(len(rows) * self.split_dataset_ratio))
         val_rows, train_rows = rows[:held_out], rows[held_out:]
-        self.train = self._rows_to_samples(train_rows, pack_rows=self.packing)
-        self.val = self.val or self._rows_to_samples(val_rows, pack_rows=self.packing)
-        s = self.stats
-        rank_zero_info(
-            f"SFT data: {s.rows} rows, {s.kept} kept, {s.truncated} truncated, "
-            f"{s.dropped_too_long} dropped (too long), {len(s.skipped_bad)} skipped (bad); "
-            f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}"
+        if self.val_sources:
+            val_rows = [row for src in self.val_sources for row in read_rows(src)]
+        return self._samples(train_rows), self._samples(val_rows)
+
+    def _renderer(self) -> RowRenderer:
+        return RowRenderer(
+            self.tokenizer, self.max_length, self.loss_on, self.truncation, self.lenient, preference=self.preference
         )
 
-    def _rows_to_samples(self, rows: list[tuple[str, dict[str, Any]]], pack_rows: bool) -> list[dict[str, Any]]:
-        samples = [sample for where, row in rows if (sample := self._checked_sample(where, row)) is not None]
-        if pack_rows:
+    def _samples(self, rows: list[tuple[str, dict[str, Any]]]) -> list[dict[str, list[int]]]:
+        """Rows tokenized (in ``num_proc`` processes), in order; counted in :attr:`stats`."""
+        from lightning_megatron.data.parallel_map import parallel_map
+
+        samples = []
+        for sample, stats in parallel_map(self._renderer(), rows, self.num_proc):
+            self.stats.add(stats)
+            if sample is not None:
+                samples.append(sample)
+        return samples
+
+    def _finish(self, samples: list[dict[str, list[int]]]) -> list[dict[str, torch.Tensor]]:
+        if self.packing:
             pad = self.tokenizer.pad_token_id or 0
             return pack([(s["input_ids"], s["labels"]) for s in samples], self.max_length, pad)
         return [_tensors(sample) for sample in samples]
 
     def _stream_sample(self, where: str, row: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        sample = self._checked_sample(where, row)
+        sample, stats = self._renderer()((where, row))
+        self.stats.add(stats)
         return None if sample is None else _tensors(sample)
 
-    def _checked_sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
-        """One row through :meth:`_sample`, counted; bad rows raise, or are listed when lenient."""
-        self.stats.rows += 1
-        try:
-            sample = self._sample(where, row)
-        except RowTooLongError:
-            raise
-        except DataFormatError as error:
-            if not self.lenient:
-                raise
-            self.stats.skipped_bad.append(str(error))
-            return None
-        if sample is not None:
-            self.stats.kept += 1
-        return sample
+    def _filler(self) -> dict[str, torch.Tensor]:
+        """What streaming yields for a skipped row (and a shard's missing last row), so every
+        data-parallel rank runs the same number of steps: one padding token and no label (a
+        preference pair with no label tokens must carry no loss either)."""
+        pad = self.tokenizer.pad_token_id or 0
+        sides = ("chosen_", "rejected_") if self.preference else ("",)
+        return {
+            key: torch.tensor([value])
+            for side in sides
+            for key, value in ((f"{side}input_ids", pad), (f"{side}labels", -100))
+        }
 
-    def _sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
-        """Token ids and labels of one row; ``None`` when dropped as too long."""
-        ids, labels = render(to_messages(row, where), self.tokenizer, self.loss_on)
-        kept = truncate(ids, labels, self.max_length, self.truncation, where, self.stats)
-        return None if kept is None else {"input_ids": kept[0], "labels": kept[1]}
+    def _cache_key(self) -> str:
+        from lightning_megatron.data import sft_cache
+
+        files = [parse_source(src)[0] for src in self.sources] + list(self.val_sources)
+        return sft_cache.cache_key(
+            kind="preference" if self.preference else "sft",
+            sources=self.sources,
+            val_sources=self.val_sources,
+            files=[sft_cache.file_fingerprint(f) for f in files if f != SELF_COGNITION],
+            tokenizer=sft_cache.tokenizer_fingerprint(self.tokenizer),
+            options=[self.max_length, self.loss_on, self.truncation, self.lenient, self.seed, self.split_dataset_ratio],
+            self_cognition=[self.model_name, self.model_author] if SELF_COGNITION in files else None,
+        )
+
+    def _cached(self) -> tuple[list, list] | None:
+        if self.cache_dir is None:
+            return None
+        from lightning_megatron.data import sft_cache
+
+        stored = sft_cache.load(self.cache_dir, self._cache_key())
+        if stored is None:
+            return None
+        self.stats = Stats(**stored["stats"])
+        return stored["train"], stored["val"]
 
     def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad every sequence of the batch to the longest (rounded up to ``pad_to_multiple_of``,
@@ -233,25 +288,12 @@ class PreferenceDataModule(SFTDataModule):
     for DPO: each batch holds ``chosen_*`` and ``rejected_*`` ids and labels padded to one length.
     Rows over ``max_length`` follow ``truncation`` (either side too long counts once)."""
 
+    preference = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.packing:
             raise ValueError("packing=True is not supported for preference pairs; use packing=False")
-
-    def _sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
-        from lightning_megatron.data.sft import render_preference
-
-        pair = render_preference(row, self.tokenizer, where)
-        sides = Stats()  # a pair counts once, however many of its sides were cut
-        for side in ("chosen", "rejected"):
-            ids, labels = f"{side}_input_ids", f"{side}_labels"
-            cut = truncate(pair[ids], pair[labels], self.max_length, self.truncation, where, sides)
-            if cut is None:
-                self.stats.dropped_too_long += 1
-                return None
-            pair[ids], pair[labels] = cut
-        self.stats.truncated += bool(sides.truncated)
-        return pair
 
 
 def _tensors(sample: dict[str, list[int]]) -> dict[str, torch.Tensor]:
