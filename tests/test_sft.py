@@ -219,6 +219,11 @@ def test_bad_input_names_file_and_line(tmp_path, tokenizer):
             "too-long.jsonl:1: .* exceed max_length=64",
         ),
     }
+    cases["not-an-object"] = (good + "\n[1, 2]\n", "not-an-object.jsonl:2: expected a JSON object, got a list")
+    cases["no-role"] = (
+        json.dumps({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}) + "\n",
+        "no-role.jsonl:1: each of 'messages' needs a 'role' and a 'content'",
+    )
     for name, (text, message) in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text(text)
@@ -226,6 +231,9 @@ def test_bad_input_names_file_and_line(tmp_path, tokenizer):
             SFTDataModule([str(path)], tokenizer, max_length=64).setup()
     with pytest.raises(DataFormatError, match="missing.jsonl: cannot read"):
         SFTDataModule([str(tmp_path / "missing.jsonl")], tokenizer).setup()
+    (tmp_path / "dict.json").write_text(json.dumps({"messages": []}))
+    with pytest.raises(DataFormatError, match="dict.json: a .json file must hold a list of rows"):
+        SFTDataModule([str(tmp_path / "dict.json")], tokenizer).setup()
     # Lenient: the bad row is skipped and listed, never dropped silently.
     lenient = SFTDataModule([str(tmp_path / "no-format.jsonl")], tokenizer, max_length=64, lenient=True)
     lenient.setup()
@@ -327,6 +335,14 @@ def test_pretrain_datamodule_reads_txt_jsonl_parquet_and_datasets(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"body": "no text"}])
     with pytest.raises(DataFormatError, match="bad.jsonl:2: no 'text' field"):
         PretrainDataModule([tmp_path / "bad.jsonl"], ByteTokenizer(), seq_length=4).setup()
+    write_jsonl(tmp_path / "null.jsonl", [{"text": "ok"}, {"text": None}])
+    with pytest.raises(DataFormatError, match="null.jsonl:2: 'text' is a NoneType, not text"):
+        PretrainDataModule([tmp_path / "null.jsonl"], ByteTokenizer(), seq_length=4).setup()
+    with pytest.raises(DataFormatError, match=r"c.parquet: no 'body' column \(columns \['text'\]\)"):
+        PretrainDataModule([tmp_path / "c.parquet"], ByteTokenizer(), seq_length=4, text_field="body").setup()
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataFormatError, match="latin1.txt: cannot read"):
+        PretrainDataModule([tmp_path / "latin1.txt"], ByteTokenizer(), seq_length=4).setup()
 
 
 def test_streaming_shards_rows_over_ranks_and_workers(tmp_path, tokenizer):

@@ -23,20 +23,33 @@ def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str
     if path.suffix == ".parquet":
         import datasets
 
-        yield from datasets.load_dataset("parquet", data_files=str(path), split="train")[text_field]
-    elif path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        if text_field not in table.column_names:
+            raise DataFormatError(f"{path}: no {text_field!r} column (columns {table.column_names}); set text_field")
+        yield from table[text_field]
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataFormatError(f"{path}: cannot read ({error})") from error
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataFormatError(f"{path}:{number}: invalid JSON ({error.msg})") from error
-            if text_field not in row:
-                raise DataFormatError(f"{path}:{number}: no {text_field!r} field (keys {sorted(row)})")
+            if not isinstance(row, dict) or text_field not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise DataFormatError(f"{path}:{number}: no {text_field!r} field ({keys})")
+            if not isinstance(row[text_field], str):
+                raise DataFormatError(
+                    f"{path}:{number}: {text_field!r} is a {type(row[text_field]).__name__}, not text"
+                )
             yield row[text_field]
     else:
-        yield from (doc.strip() for doc in path.read_text(encoding="utf-8").split("\n\n") if doc.strip())
+        yield from (doc.strip() for doc in text.split("\n\n") if doc.strip())
 
 
 class PretrainDataModule(L.LightningDataModule):

@@ -59,9 +59,14 @@ class RowTooLongError(DataFormatError):
 
 def to_messages(row: dict[str, Any], where: str = "row") -> list[dict[str, str]]:
     """Normalize any supported row shape to chat ``messages``."""
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got a {type(row).__name__}")
     system = row.get("system")
     if "messages" in row:
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        try:
+            messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        except (KeyError, TypeError):
+            raise DataFormatError(f"{where}: each of 'messages' needs a 'role' and a 'content'") from None
     elif "conversations" in row:
         try:
             messages = [{"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
@@ -259,6 +264,8 @@ def to_preference(row: dict[str, Any], where: str = "row") -> tuple[list[dict[st
     - ``{"chosen": messages, "rejected": messages}`` sharing the prompt turns (HH-RLHF style)
     - any SFT shape (see :func:`to_messages`) plus ``"rejected_response"``
     """
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got a {type(row).__name__}")
     if isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
         chosen, rejected = (
             to_messages({"messages": row[k], "system": row.get("system")}, where) for k in ("chosen", "rejected")

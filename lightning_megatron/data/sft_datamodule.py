@@ -37,6 +37,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataFormatError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from error
+        if not isinstance(rows, list):
+            raise DataFormatError(f"{path}: a .json file must hold a list of rows, not a {type(rows).__name__}")
         return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
     out = []
     for number, line in enumerate(text.splitlines(), 1):

@@ -157,8 +157,14 @@ class GPTModule(L.LightningModule):
         thd = self.thd_packing and "segment_ids" in batch
         if thd and ps.get_pipeline_model_parallel_world_size() > 1 and batch["input_ids"].shape[0] > 1:
             raise ValueError(
-                "packed rows in THD format make one sequence of each microbatch, which pipeline stages "
-                f"exchange as [s, 1, h]; with pp>1 set micro_batch_size=1 (it is {batch['input_ids'].shape[0]})"
+                "packed rows in THD format make one [b*s, 1, h] sequence of each microbatch, but pipeline "
+                "stages exchange [s, micro_batch_size, h] activations; with pp>1 set micro_batch_size=1 "
+                f"(it is {batch['input_ids'].shape[0]})"
+            )
+        if thd and ps.get_context_parallel_world_size() > 1:
+            raise NotImplementedError(
+                "packed rows with context parallelism need cu_seqlens padded per CP rank, not supported yet; "
+                "set cp=1 or packing=False"
             )
         inputs = prepare_inputs(batch, thd=thd)
         output = chunk(
