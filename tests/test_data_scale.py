@@ -138,3 +138,33 @@ def test_streaming_sft_under_dp2_sees_each_row_once_and_never_hangs(tmp_path, to
     texts = [t for rank in "01" for t in seen[rank] if t]
     expected = [r["query"] for i, r in enumerate(rows_of(15)) if i != 3]
     assert sorted(texts) == sorted(expected)
+
+
+def test_lazy_tokenize_gives_the_eager_rows_on_demand(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", rows_of(20))
+    options = dict(max_length=48, truncation="truncate_right", split_dataset_ratio=0.2, batch_size=4)
+    eager = SFTDataModule([f"{data}#30"], tokenizer, **options)
+    lazy = SFTDataModule([f"{data}#30"], tokenizer, lazy_tokenize=True, num_workers=2, **options)
+    eager.setup()
+    lazy.setup()
+    assert lazy.stats.rows == len(lazy.val) == 6  # only the validation rows are tokenized up front
+    assert as_lists(lazy.train[i] for i in range(len(lazy.train))) == as_lists(eager.train)
+    batch = next(iter(lazy.train_dataloader()))  # tokenized in 2 worker processes
+    assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == batch["input_ids"].shape
+    dropping = SFTDataModule([data], tokenizer, max_length=48, truncation="drop", lazy_tokenize=True)
+    dropping.setup()
+    items = [dropping.train[i] for i in range(len(dropping.train))]
+    assert len(items) == 20 and sum(bool((item["labels"] == -100).all()) for item in items) == 1
+    assert dropping.stats.dropped_too_long == 1
+
+
+def test_pretrain_num_proc_gives_the_same_blocks(tmp_path):
+    from lightning_megatron.data.pretrain import PretrainDataModule
+    from lightning_megatron.data.text import ByteTokenizer
+
+    docs = [f"document number {i} " * (i % 4 + 1) for i in range(40)]
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    one, two = (PretrainDataModule([path], ByteTokenizer(), seq_length=16, num_proc=n) for n in (1, 2))
+    one.setup()
+    two.setup()
+    assert as_lists(two.train) == as_lists(one.train) and len(one.train) == sum(len(d) + 1 for d in docs) // 16

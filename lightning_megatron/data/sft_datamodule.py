@@ -90,6 +90,12 @@ class SFTDataModule(L.LightningDataModule):
             data-parallel rank (:class:`~lightning_megatron.data.streaming.StreamingRows`); no
             ``#N`` sampling, packing or split then (validation comes from ``val_sources``).
         val_sources: validation files used as they are (with or without streaming).
+        lazy_tokenize: keep the training rows as read and tokenize each when the DataLoader asks
+            for it (in its workers): no tokenizing pass up front, with ``#N``, splits and
+            shuffling as usual; no packing (it needs every length first). A row dropped as too long
+            (or skipped as bad under ``lenient``) becomes a sample with no loss.
+        num_workers: the training DataLoader's worker processes (they tokenize with
+            ``streaming`` or ``lazy_tokenize``).
         num_proc: processes tokenizing the rows (not with streaming: there the DataLoader's
             ``num_workers`` tokenize).
         cache_dir: keep the tokenized rows here, keyed by the files (path, size, modification
@@ -117,6 +123,8 @@ class SFTDataModule(L.LightningDataModule):
         model_author: str | None = None,
         streaming: bool = False,
         val_sources: Sequence[str] = (),
+        lazy_tokenize: bool = False,
+        num_workers: int = 0,
         num_proc: int = 1,
         cache_dir: str | Path | None = None,
     ) -> None:
@@ -128,13 +136,16 @@ class SFTDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.model_name, self.model_author = model_name, model_author
         self.streaming, self.val_sources = streaming, list(val_sources)
-        self.num_proc, self.cache_dir = num_proc, cache_dir
+        self.num_proc, self.cache_dir, self.lazy_tokenize = num_proc, cache_dir, lazy_tokenize
+        self.num_workers = num_workers
         if streaming and (packing or split_dataset_ratio or any("#" in src for src in self.sources)):
             raise ValueError("streaming=True reads files as they are: no packing, split_dataset_ratio or '#N'")
-        if streaming and cache_dir is not None:
-            raise ValueError("streaming=True tokenizes lazily, nothing to cache: drop cache_dir (or streaming)")
+        if (streaming or lazy_tokenize) and cache_dir is not None:
+            raise ValueError("streaming and lazy_tokenize tokenize on the fly, nothing to cache: drop cache_dir")
+        if lazy_tokenize and (packing or streaming):
+            raise ValueError("lazy_tokenize=True cannot pack (packing needs every length first) or stream")
         self.stats = Stats()
-        self.train: Any = []  # samples, packed rows, or a StreamingRows dataset
+        self.train: Any = []  # samples, packed rows, or a StreamingRows / LazyRows dataset
         self._prepared = False
         self.val: list[dict[str, torch.Tensor]] = []
 
@@ -148,11 +159,19 @@ class SFTDataModule(L.LightningDataModule):
 
             if self.val_sources:
                 self.val = self._finish(self._samples([r for src in self.val_sources for r in read_rows(src)]))
-            self.train = StreamingRows(self.sources, self._stream_sample, filler=self._filler())
+            self.train = StreamingRows(self.sources, _OnTheFly(self._renderer(), self.stats), filler=self._filler())
+            return
+        if self.lazy_tokenize:
+            from lightning_megatron.data.streaming import LazyRows
+
+            train_rows, val_rows = self._read()
+            self.train = LazyRows(train_rows, _OnTheFly(self._renderer(), self.stats), filler=self._filler())
+            self.val = self._finish(self._samples(val_rows))
             return
         cached = self._cached()
         if cached is None:
-            train, val = self._tokenize()
+            train_rows, val_rows = self._read()
+            train, val = self._samples(train_rows), self._samples(val_rows)
             if self.cache_dir is not None:
                 from lightning_megatron.data import sft_cache
 
@@ -167,8 +186,8 @@ class SFTDataModule(L.LightningDataModule):
             f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}"
         )
 
-    def _tokenize(self) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
-        """Read, sample, split and tokenize the sources: ``(train samples, validation samples)``."""
+    def _read(self) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:
+        """Read, sample and split the sources: ``(train rows, validation rows)``."""
         loaded = []
         for source in self.sources:
             path, count = parse_source(source)
@@ -183,7 +202,7 @@ class SFTDataModule(L.LightningDataModule):
         val_rows, train_rows = rows[:held_out], rows[held_out:]
         if self.val_sources:
             val_rows = [row for src in self.val_sources for row in read_rows(src)]
-        return self._samples(train_rows), self._samples(val_rows)
+        return train_rows, val_rows
 
     def _renderer(self) -> RowRenderer:
         return RowRenderer(
@@ -206,11 +225,6 @@ class SFTDataModule(L.LightningDataModule):
             pad = self.tokenizer.pad_token_id or 0
             return pack([(s["input_ids"], s["labels"]) for s in samples], self.max_length, pad)
         return [_tensors(sample) for sample in samples]
-
-    def _stream_sample(self, where: str, row: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        sample, stats = self._renderer()((where, row))
-        self.stats.add(stats)
-        return None if sample is None else _tensors(sample)
 
     def _filler(self) -> dict[str, torch.Tensor]:
         """What streaming yields for a skipped row (and a shard's missing last row), so every
@@ -269,8 +283,11 @@ class SFTDataModule(L.LightningDataModule):
         return {key: torch.stack(values) for key, values in batch.items()}
 
     def train_dataloader(self) -> DataLoader:
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if self.streaming:  # the files' order; the dataset shards itself over ranks and workers
-            return DataLoader(self.train, batch_size=self.batch_size, drop_last=True, collate_fn=self.collate)
+            return DataLoader(
+                self.train, batch_size=self.batch_size, drop_last=True, collate_fn=self.collate, **workers
+            )
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train,
@@ -279,6 +296,7 @@ class SFTDataModule(L.LightningDataModule):
             drop_last=True,
             collate_fn=self.collate,
             generator=generator,
+            **workers,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -296,6 +314,19 @@ class PreferenceDataModule(SFTDataModule):
         super().__init__(*args, **kwargs)
         if self.packing:
             raise ValueError("packing=True is not supported for preference pairs; use packing=False")
+
+
+class _OnTheFly:
+    """Tokenize one row when the DataLoader asks for it. Picklable (DataLoader workers may be
+    spawned); rows rendered in this process are counted in ``stats``, a worker counts its own."""
+
+    def __init__(self, renderer: RowRenderer, stats: Stats) -> None:
+        self.renderer, self.stats = renderer, stats
+
+    def __call__(self, where: str, row: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        sample, stats = self.renderer((where, row))
+        self.stats.add(stats)
+        return None if sample is None else _tensors(sample)
 
 
 def _tensors(sample: dict[str, list[int]]) -> dict[str, torch.Tensor]:

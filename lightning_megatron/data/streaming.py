@@ -1,4 +1,5 @@
-"""Rows read and tokenized lazily from JSONL files, sharded by data-parallel rank and loader worker."""
+"""Rows tokenized lazily: streamed from JSONL files (sharded by data-parallel rank and loader worker),
+or held as read and tokenized on access."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from lightning_megatron.data.sft import DataFormatError
 
@@ -99,3 +100,19 @@ def _count_rows(path: Path) -> int:
             return sum(1 for line in handle if line.strip())
     except (OSError, UnicodeDecodeError) as error:
         raise DataFormatError(f"{path}: cannot read ({error})") from error
+
+
+class LazyRows(Dataset):
+    """Rows held as read (``(where, row)`` pairs); ``transform(where, row)`` tokenizes one when it
+    is asked for, in the DataLoader's workers. A row it skips (``None``) becomes ``filler``: a
+    map-style dataset cannot leave a hole, and a sample without loss keeps every rank's count."""
+
+    def __init__(self, rows: Sequence[tuple[str, Any]], transform: Callable[[str, Any], Any], filler: Any) -> None:
+        self.rows, self.transform, self.filler = rows, transform, filler
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.transform(*self.rows[index])
+        return self.filler if item is None else item
