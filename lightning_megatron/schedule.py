@@ -104,8 +104,9 @@ def forward_logits(
     def step(data_iterator, chunk):
         # The same positions and attention mask (padding, packed samples) as in training.
         microbatch = next(data_iterator)
+        packed = thd and "segment_ids" in microbatch
         shape = microbatch["input_ids"].shape
-        inputs = prepare_inputs(microbatch, thd=thd and "segment_ids" in microbatch)
+        inputs = prepare_inputs(microbatch, thd=packed)
         output = chunk(
             inputs["input_ids"],
             inputs["position_ids"],
@@ -115,7 +116,7 @@ def forward_logits(
 
         def gather(logits, non_loss_data=False):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
-            return logits.reshape(*shape, -1)  # THD's [1, b*s] back to [b, s]
+            return logits.reshape(*shape, -1) if packed else logits  # THD's [1, b*s] back to [b, s]
 
         return output, gather
 

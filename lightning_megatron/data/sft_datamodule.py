@@ -96,8 +96,8 @@ class SFTDataModule(L.LightningDataModule):
             (or skipped as bad under ``lenient``) becomes a sample with no loss.
         num_workers: the training DataLoader's worker processes (they tokenize with
             ``streaming`` or ``lazy_tokenize``).
-        num_proc: processes tokenizing the rows (not with streaming: there the DataLoader's
-            ``num_workers`` tokenize).
+        num_proc: processes tokenizing the rows up front (with ``streaming`` or
+            ``lazy_tokenize`` the DataLoader's ``num_workers`` tokenize the training rows).
         cache_dir: keep the tokenized rows here, keyed by the files (path, size, modification
             time), the tokenizer and chat template, and every option that changes the rows; a
             second run with the same key reads them instead of tokenizing. ``None``: no cache.
@@ -227,9 +227,9 @@ class SFTDataModule(L.LightningDataModule):
         return [_tensors(sample) for sample in samples]
 
     def _filler(self) -> dict[str, torch.Tensor]:
-        """What streaming yields for a skipped row (and a shard's missing last row), so every
-        data-parallel rank runs the same number of steps: one padding token and no label (a
-        preference pair with no label tokens must carry no loss either)."""
+        """The sample that stands in for a row skipped on the fly (and, streaming, for a shard's
+        missing last row), so every data-parallel rank runs the same number of steps: one padding
+        token and no label (a preference pair with no label tokens must carry no loss either)."""
         pad = self.tokenizer.pad_token_id or 0
         sides = ("chosen_", "rejected_") if self.preference else ("",)
         return {
