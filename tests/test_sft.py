@@ -439,3 +439,34 @@ def test_thd_packing_gives_each_sample_its_own_logits_and_the_mask_paths_loss(to
         for fmt in ("thd", "mask")
     }
     assert losses["thd"] == pytest.approx(losses["mask"], abs=1e-5)
+
+
+def test_padding_free_batches_give_the_padded_batchs_loss(tmp_path, tokenizer):
+    """A padding-free batch (the samples end to end in one row) gives the token-weighted loss of
+    the same samples padded to a [b, s] batch, with the mask and with THD."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows_of(6))
+
+    def batch(**options):
+        dm = SFTDataModule([str(data)], tokenizer, max_length=64, batch_size=6, **options)
+        dm.setup()
+        return dm.collate(sorted(dm.train, key=lambda r: r["input_ids"].tolist()))
+
+    padded, free = batch(), batch(padding_free=True)
+    tokens = sum(int(m.sum()) for m in padded["attention_mask"])
+    assert free["input_ids"].shape == (1, -(-tokens // 8) * 8) and int((free["segment_ids"] > 0).sum()) == tokens
+
+    def loss(rows, micro_batch_size, packed_format="auto"):
+        trainer = L.Trainer(
+            strategy=MegatronStrategy(micro_batch_size=micro_batch_size),
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        module = GPTModule(tiny_config(tokenizer), packed_format=packed_format)
+        return trainer.validate(module, DataLoader([rows], batch_size=None), verbose=False)[0]["val/loss"]
+
+    reference = loss(padded, 6)
+    assert loss(free, 1) == pytest.approx(reference, abs=1e-5)
+    assert loss(free, 1, "thd") == pytest.approx(reference, abs=1e-5)

@@ -82,6 +82,10 @@ class SFTDataModule(L.LightningDataModule):
         loss_on: ``"assistant"`` (default), ``"all"`` tokens or the ``"last"`` assistant turn.
         truncation: rows over ``max_length``: ``"error"``, ``"drop"``, ``"truncate_left"``/``"right"``.
         packing: several samples per row, attention isolated between them.
+        padding_free: each DataLoader batch becomes one row, its samples end to end with
+            attention isolated between them (no padding but the round-up to
+            ``pad_to_multiple_of``; THD with Transformer Engine). A batch is then one microbatch:
+            use ``MegatronStrategy(micro_batch_size=1)``.
         split_dataset_ratio: fraction held out for validation (deterministic for ``seed``).
         lenient: skip rows that match no format (counted and listed) instead of raising.
         model_name, model_author: fill the bundled ``"self-cognition"`` source (use it like a
@@ -126,6 +130,7 @@ class SFTDataModule(L.LightningDataModule):
         lazy_tokenize: bool = False,
         num_workers: int = 0,
         num_proc: int = 1,
+        padding_free: bool = False,
         cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
@@ -137,7 +142,9 @@ class SFTDataModule(L.LightningDataModule):
         self.model_name, self.model_author = model_name, model_author
         self.streaming, self.val_sources = streaming, list(val_sources)
         self.num_proc, self.cache_dir, self.lazy_tokenize = num_proc, cache_dir, lazy_tokenize
-        self.num_workers = num_workers
+        self.num_workers, self.padding_free = num_workers, padding_free
+        if padding_free and packing:
+            raise ValueError("padding_free=True packs each batch itself; use it or packing=True, not both")
         if streaming and (packing or split_dataset_ratio or any("#" in src for src in self.sources)):
             raise ValueError("streaming=True reads files as they are: no packing, split_dataset_ratio or '#N'")
         if (streaming or lazy_tokenize) and cache_dir is not None:
@@ -265,7 +272,14 @@ class SFTDataModule(L.LightningDataModule):
 
     def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad every sequence of the batch to the longest (rounded up to ``pad_to_multiple_of``,
-        for SP/CP). Each ``*input_ids`` gets its ``*attention_mask`` unless the row is packed."""
+        for SP/CP). Each ``*input_ids`` gets its ``*attention_mask`` unless the row is packed.
+        With ``padding_free`` the batch's samples become one packed row instead."""
+        if self.padding_free:
+            total = sum(row["input_ids"].shape[0] for row in rows)
+            length = -(-total // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            samples = [(row["input_ids"].tolist(), row["labels"].tolist()) for row in rows]
+            (joined,) = pack(samples, length, self.tokenizer.pad_token_id or 0)
+            return {key: value[None] for key, value in joined.items()}
         longest = max(value.shape[0] for row in rows for value in row.values())
         length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad = self.tokenizer.pad_token_id or 0
@@ -312,8 +326,8 @@ class PreferenceDataModule(SFTDataModule):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.packing:
-            raise ValueError("packing=True is not supported for preference pairs; use packing=False")
+        if self.packing or self.padding_free:
+            raise ValueError("packing and padding_free are not supported for preference pairs; leave them False")
 
 
 class _OnTheFly:
