@@ -189,7 +189,7 @@ def build_megatron_datasets(
         # overlap by the extra target token Megatron-LM reads.
         add_extra_token_to_sequence=False,
     )
-    with _process_group():
+    with _process_group(cache):
         built = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
     return [None if d is None else MegatronRows(d, eod, document_mask) for d in built]
 
@@ -224,14 +224,20 @@ def require_dataset_helpers() -> None:
 
 
 @contextlib.contextmanager
-def _process_group() -> Iterator[None]:
+def _process_group(cache: Path) -> Iterator[None]:
     """Megatron's builders coordinate ranks through ``torch.distributed`` (rank 0 writes the
-    cache, the others read it) and some of their cache paths assume it is initialized: outside a
-    distributed run, lend them a one-process group for the duration of the build."""
+    cache, the others read it) and some of their cache paths assume it is initialized. Outside a
+    distributed run, lend them a one-process group for the duration of the build, and hold a lock
+    on the cache directory: separate processes (say, each rank calling ``setup()`` before
+    ``fit``) then build it one after the other instead of writing the same files at once."""
     if torch.distributed.is_initialized():
         yield
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".build.lock", "a") as lock, tempfile.TemporaryDirectory() as tmp:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         store = torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
         torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
         try:
