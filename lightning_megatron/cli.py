@@ -3,7 +3,7 @@
     lightning-megatron export --to-mcore --model HF_DIR --output CKPT_DIR [--tp 2 --pp 2]
     lightning-megatron export --to-hf --load CKPT_DIR --output HF_DIR [--test-convert-precision]
     lightning-megatron check --model HF_DIR --load CKPT_DIR
-    lightning-megatron preprocess --input data.jsonl --output-prefix out/data --tokenizer TOKENIZER_DIR [--num-proc 8]
+    lightning-megatron preprocess --input data.jsonl --output-prefix out/data --tokenizer TOKENIZER_DIR
 
 The flags follow Megatron-SWIFT's ``swift export``. ``--test-convert-precision`` (and ``check``)
 run the Hugging Face model and the Megatron checkpoint on the same prompt and fail when their

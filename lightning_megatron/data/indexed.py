@@ -24,12 +24,14 @@ import torch
 from torch.utils.data import Dataset
 
 
-def preprocess(documents: Iterable[str], output_prefix: str | Path, tokenizer: Any, num_proc: int = 1) -> Path:
-    """Tokenize documents (each followed by the end-of-sequence token) into ``PREFIX.bin/.idx``.
-
-    ``num_proc > 1`` tokenizes in that many processes (documents keep their order).
-    """
+def preprocess(
+    documents: Iterable[str], output_prefix: str | Path, tokenizer: Any, num_proc: int = 1, progress: bool = True
+) -> Path:
+    """Tokenize documents (each followed by the end-of-sequence token) into ``PREFIX.bin/.idx``,
+    in ``num_proc`` processes (documents keep their order), with a progress bar (documents and
+    tokens so far) unless ``progress=False``."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm.auto import tqdm
 
     from lightning_megatron.data.parallel_map import parallel_map
 
@@ -38,9 +40,14 @@ def preprocess(documents: Iterable[str], output_prefix: str | Path, tokenizer: A
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     dtype = np.uint16 if vocab < 65500 else np.int32
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
-    for ids in parallel_map(_EncodeDocument(tokenizer), documents, num_proc):
+    encoded = parallel_map(_EncodeDocument(tokenizer), documents, num_proc)
+    bar = tqdm(encoded, desc=f"tokenizing -> {prefix}.bin", unit=" docs", disable=not progress, mininterval=1)
+    tokens = 0
+    for ids in bar:
         builder.add_item(torch.tensor(ids))
         builder.end_document()
+        tokens += len(ids)
+        bar.set_postfix(tokens=tokens, refresh=False)
     builder.finalize(f"{prefix}.idx")
     return prefix
 
