@@ -34,7 +34,8 @@ def corpus(tmp_path_factory):
     cmd += ["--output-prefix", str(root / "out" / "alpha_text_document"), "--tokenizer", str(root / "tok")]
     proc = subprocess.run(cmd + ["--num-proc", "2"], env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stdout + proc.stderr
-    preprocess(SOURCES["beta"], root / "out" / "beta_text_document", tokenizer)
+    assert "60 docs" in proc.stderr, proc.stderr  # the progress bar
+    preprocess(SOURCES["beta"], root / "out" / "beta_text_document", tokenizer, progress=False)
     return root, tokenizer
 
 
