@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     prep.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer directory")
     prep.add_argument("--text-field", default="text")
+    prep.add_argument("--num-proc", type=int, default=1, help="tokenizing processes (default 1)")
     verify = commands.add_parser("check", help="compare a HF model and a torch_dist checkpoint's logits")
     verify.add_argument("--model", required=True)
     verify.add_argument("--load", required=True)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         documents = (doc for path in args.input for doc in read_documents(path, args.text_field))
-        prefix = preprocess(documents, args.output_prefix, tokenizer)
+        prefix = preprocess(documents, args.output_prefix, tokenizer, num_proc=args.num_proc)
         print(f"wrote {prefix}.bin and {prefix}.idx", flush=True)
         return 0
     if args.to_mcore:

@@ -100,19 +100,31 @@ def reduce_loss(outputs: list[dict[str, Tensor]], device: torch.device) -> dict[
     return metrics
 
 
-def forward_logits(chunks: Sequence[torch.nn.Module], batch: dict[str, Any], micro_batch_size: int) -> Tensor:
-    """Forward-only pass returning full-vocabulary logits ``[b, s, vocab]`` on every rank."""
+def forward_logits(
+    chunks: Sequence[torch.nn.Module], batch: dict[str, Any], micro_batch_size: int, thd: bool = False
+) -> Tensor:
+    """Forward-only pass returning full-vocabulary logits ``[b, s, vocab]`` on every rank
+    (``thd``: packed rows in THD format, see :func:`~lightning_megatron.models.gpt.prepare_inputs`)."""
     from megatron.core import tensor_parallel
 
     from lightning_megatron.models.gpt import prepare_inputs
 
     def step(data_iterator, chunk):
         # The same positions and attention mask (padding, packed samples) as in training.
-        inputs = prepare_inputs(next(data_iterator))
-        output = chunk(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
+        microbatch = next(data_iterator)
+        packed = thd and "segment_ids" in microbatch
+        shape = microbatch["input_ids"].shape
+        inputs = prepare_inputs(microbatch, thd=packed)
+        output = chunk(
+            inputs["input_ids"],
+            inputs["position_ids"],
+            inputs["attention_mask"],
+            packed_seq_params=inputs["packed_seq_params"],
+        )
 
         def gather(logits, non_loss_data=False):
-            return tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
+            return logits.reshape(*shape, -1) if packed else logits  # THD's [1, b*s] back to [b, s]
 
         return output, gather
 

@@ -401,7 +401,8 @@ class MegatronStrategy(DDPStrategy):
 
     def forward_logits(self, batch: dict[str, Any]) -> Tensor:
         """Full-vocabulary logits ``[b, s, vocab]`` on every rank (pipeline stages included)."""
-        return schedule.forward_logits(self.chunks, batch, self.parallel.micro_batch_size)
+        thd = getattr(self.lightning_module, "thd_packing", False)
+        return schedule.forward_logits(self.chunks, batch, self.parallel.micro_batch_size, thd=thd)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         # Megatron's schedule already ran backward for every microbatch inside training_step;
