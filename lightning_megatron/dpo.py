@@ -66,11 +66,15 @@ def pairs_to_rows(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def check_pairs(batch: dict[str, Tensor]) -> None:
-    """Refuse pairs with an empty response or prompts that differ between chosen and rejected."""
+    """Refuse pairs with an empty response or prompts that differ between chosen and rejected.
+    A pair with no label tokens on either side is a filler (streaming data pads uneven shards
+    with them so every rank runs the same steps): it carries no loss and passes."""
     for index in range(batch["chosen_input_ids"].shape[0]):
+        answers = [(batch[f"{side}_labels"][index] != -100).nonzero() for side in SIDES]
+        if all(a.numel() == 0 for a in answers):
+            continue
         starts = []
-        for side in SIDES:
-            answer = (batch[f"{side}_labels"][index] != -100).nonzero()
+        for side, answer in zip(SIDES, answers, strict=True):
             if answer.numel() == 0:
                 raise ValueError(f"DPO pair {index} of the batch has an empty {side} response (no label tokens)")
             starts.append(int(answer[0]))
@@ -136,7 +140,8 @@ def dpo_loss_func(config: DPOConfig, loss_mask: Tensor, reference: Tensor, per_t
     with ``report[name] = [sum, count]`` for every logged metric."""
     policy, counts = sequence_logps(per_token_loss, loss_mask)
     losses, metrics = dpo_losses(policy, reference.to(policy.dtype), counts, config)
-    pairs = torch.tensor(float(losses.shape[0]), device=losses.device)
-    report = {"loss": torch.stack([losses.sum().detach(), pairs])}
-    report.update({name: torch.stack([value.sum(), pairs]) for name, value in metrics.items()})
-    return losses.sum(), pairs.to(torch.int), report
+    real = (counts[0::2] > 0).float()  # filler pairs (no response tokens) weigh nothing
+    pairs, loss_sum = real.sum(), (losses * real).sum()
+    report = {"loss": torch.stack([loss_sum.detach(), pairs])}
+    report.update({name: torch.stack([(value * real).sum(), pairs]) for name, value in metrics.items()})
+    return loss_sum, pairs.to(torch.int), report

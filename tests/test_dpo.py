@@ -226,6 +226,8 @@ def test_bad_pairs_and_options_are_refused():
     other["rejected_input_ids"][1, 0] += 1
     with pytest.raises(ValueError, match="pair 1 of the batch: chosen and rejected have different prompts"):
         pairs_to_rows(other)
+    filler = dict(empty, chosen_labels=torch.full_like(pairs["chosen_labels"], -100))
+    assert pairs_to_rows(filler)["input_ids"].shape[0] == 8  # no response on either side: a filler pair
     with pytest.raises(ValueError, match="loss_type='kto'"):
         DPOConfig(loss_type="kto")
     with pytest.raises(ValueError, match="micro_batch_size=1 must be even"):
