@@ -10,6 +10,7 @@ parts: peft's A-gradients of the parts sum to ours.
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 import lightning as L
@@ -273,3 +274,16 @@ def test_base_load_from_a_full_checkpoint(tmp_path):
     torch.testing.assert_close(logits, expected)
     with pytest.raises(Exception, match="adapter_load=.*holds no LoRA adapters"):
         trainer([LoRA(r=2, adapter_load=base)]).predict(GPTModule(full.config), batches())
+
+
+def test_modules_to_save_and_rslora_reach_peft(tmp_path):
+    llama = make_hf_model("llama", tmp_path / "llama")  # untied: lm_head is its own module
+    module = GPTModule.from_hf(llama, lr=1e-2, lr_decay="constant")
+    lora = dict(r=4, alpha=8, init="random", use_rslora=True, target_modules=["q_proj", "o_proj", "down_proj"])
+    fit(module, [LoRA(**lora, modules_to_save=["lm_head"]), ModelCheckpoint(dirpath=tmp_path / "ckpt")], steps=2)
+    logits = trainer([LoRA(**lora, modules_to_save=["lm_head"])]).predict(module, batches())[0]
+    export_peft(next((tmp_path / "ckpt").iterdir()), tmp_path / "peft", progress=False)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"] and config["use_rslora"] is True
+    assert config["target_modules"] == ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]  # qkv is fused
+    assert_close(peft_model(llama, tmp_path / "peft")(BATCH).logits.detach(), logits, "modules_to_save + rsLoRA")
