@@ -149,7 +149,4 @@ def test_lora_and_dpo_bf16_on_gpu(tmp_path):
     assert merge_lora(module.chunks) == 16
     merged = trainer([]).predict(module, rows_loader())[0]
     assert (merged - unmerged).abs().max().item() < 0.1 * unmerged.abs().max().item()
-    assert (
-        torch.equal(merged.argmax(-1), unmerged.argmax(-1))
-        or (merged.argmax(-1) == unmerged.argmax(-1)).float().mean() > 0.95
-    )
+    assert (merged.argmax(-1) == unmerged.argmax(-1)).float().mean() > 0.95
