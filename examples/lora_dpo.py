@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from sft_demo import ask  # examples/sft_demo.py: a script's own folder is on sys.path
 
 from lightning_megatron import GPTModule, MegatronStrategy
 from lightning_megatron.callbacks import DPO, LoRA
@@ -70,20 +71,6 @@ def tiny_model(out: Path) -> Path:
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def ask(hf_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "who are you?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=end, pad_token_id=end)
-    print(f"Q: who are you?\nA: {tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()}")
 
 
 def main() -> None:
@@ -142,7 +129,7 @@ def main() -> None:
     export_peft(adapters, args.out / "peft", base_model_name_or_path=str(model_dir), progress=False)
     merged = merge_lora_to_hf(adapters, args.out / "merged", base=model_dir, progress=False)
     print(f"PEFT adapters: {args.out / 'peft'}; merged model: {merged}")
-    ask(merged)
+    ask(merged, ["who are you?", "What is your name?"])
 
 
 if __name__ == "__main__":
