@@ -1,0 +1,507 @@
+"""`lightning-megatron pt | sft | dpo | infer`: config files, overrides, Megatron-SWIFT aliases,
+--print_config round trips, a real training run that saves, a chat with the result, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_megatron import GPTConfig, RecomputeConfig
+from lightning_megatron.cli import main
+from lightning_megatron.data.text import bundled_corpus
+from lightning_megatron.data.tokenizer import train_tokenizer
+from lightning_megatron.swift_args import LISTS, SWITCHES, TRAIN_ALIASES, translate
+from lightning_megatron.train_cli import MegatronCLI, _has_callback
+from tests.conftest import job_env
+
+TINY = dict(
+    family="qwen2",
+    vocab_size=512,
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    max_position_embeddings=512,
+)
+SELF_COGNITION = ["--dataset", "self-cognition#8", "--model_name", "Tiny", "--model_author", "Tests"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A directory with a tokenizer (`tok`) and a base config for a tiny model (`base.yaml`)."""
+    root = tmp_path_factory.mktemp("cli_train")
+    train_tokenizer([bundled_corpus()[:60000]], vocab_size=512).save_pretrained(root / "tok")
+    base = {
+        "model": {"config": TINY, "lr": 1e-3},
+        "data": {"tokenizer": str(root / "tok"), "max_length": 128, "batch_size": 2},
+        "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": 1, "logger": False},
+    }
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    return root
+
+
+def parse(command: str, argv: list[str], cwd: Path, monkeypatch) -> MegatronCLI:
+    """The CLI as `lightning-megatron <command> <argv>` builds it (parsed and instantiated, not run)."""
+    monkeypatch.chdir(cwd)
+    return MegatronCLI(command, translate(command, argv))
+
+
+def as_dict(cli: MegatronCLI) -> dict:
+    """The parsed configuration as --print_config writes it (lists, not tuples)."""
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    config.pop("config", None)  # where it was read from, not what it says
+    return config
+
+
+# ------------------------------------------------------------------------ config system
+def test_config_files_and_overrides_reach_the_dataclasses(work, monkeypatch):
+    (work / "layout.yaml").write_text(
+        yaml.safe_dump({"strategy": {"tp": 1, "micro_batch_size": 2, "recompute": {"granularity": "selective"}}})
+    )
+    (work / "lr.yaml").write_text(yaml.safe_dump({"model": {"lr": 5e-4, "warmup_steps": 2}}))
+    argv = ["--config", "base.yaml", "--config", "layout.yaml", "--config", "lr.yaml", "--model.lr", "1e-5"]
+    cli = parse("sft", argv + ["--model.config.num_layers", "4", *SELF_COGNITION], work, monkeypatch)
+    assert cli.model.config == GPTConfig(**{**TINY, "num_layers": 4})
+    assert cli.model.hparams.lr == 1e-5  # the command line wins over every file
+    assert cli.model.hparams.warmup_steps == 2  # the later file adds to the earlier ones
+    strategy = cli.trainer.strategy
+    assert strategy.parallel.micro_batch_size == 2
+    assert strategy.recompute == RecomputeConfig(granularity="selective")
+    assert cli.datamodule.sources == ["self-cognition#8"]
+    assert cli.datamodule.max_length == 128 and cli.datamodule.model_author == "Tests"
+    assert len(cli.datamodule.tokenizer) == 512  # the tokenizer directory was loaded
+    assert cli.trainer.max_steps == 3
+
+
+def test_swift_command_line_matches_the_canonical_one(work, monkeypatch, tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps({"query": "hi", "response": "hello"}) + "\n")
+    swift = [
+        "--config",
+        "base.yaml",
+        "--tensor_model_parallel_size",
+        "1",
+        "--pipeline_model_parallel_size",
+        "1",
+        "--context_parallel_size",
+        "1",
+        "--expert_model_parallel_size",
+        "1",
+        "--micro_batch_size",
+        "2",
+        "--sequence_parallel",
+        "false",
+        "--use_distributed_optimizer",
+        "--overlap_grad_reduce",
+        "false",
+        "--overlap_param_gather",
+        "false",
+        "--recompute_granularity",
+        "full",
+        "--recompute_method",
+        "uniform",
+        "--recompute_num_layers",
+        "1",
+        "--recompute_modules",
+        "core_attn",
+        "mlp",
+        "--train_iters",
+        "7",
+        "--max_epochs",
+        "2",
+        "--eval_interval",
+        "5",
+        "--eval_iters",
+        "3",
+        "--log_interval",
+        "2",
+        "--clip_grad",
+        "1.0",
+        "--seed",
+        "7",
+        "--lr",
+        "2e-5",
+        "--lr_warmup_iters",
+        "3",
+        "--lr_decay_style",
+        "linear",
+        "--weight_decay",
+        "0.1",
+        "--adam_eps",
+        "1e-6",
+        "--save",
+        str(tmp_path / "out"),
+        "--save_interval",
+        "5",
+        "--finetune",
+        "true",
+        "--async_save",
+        "False",
+        "--no_save_optim",
+        "--no_save_rng",
+        "--no_load_optim",
+        "--no_load_rng",
+        "--dataset",
+        f"{data}#3",
+        "self-cognition#2",
+        "--val_dataset",
+        str(data),
+        "--split_dataset_ratio",
+        "0.1",
+        "--packing",
+        "true",
+        "--streaming",
+        "false",
+        "--template",
+        "chatml",
+        "--model_name",
+        "Tiny",
+        "--model_author",
+        "Tests",
+        "--tokenizer",
+        str(work / "tok"),
+        "--max_length",
+        "64",
+        "--global_batch_size",
+        "4",
+        "--train_type",
+        "full",
+    ]
+    canonical = [
+        "--config",
+        "base.yaml",
+        "--strategy.tp",
+        "1",
+        "--strategy.pp",
+        "1",
+        "--strategy.cp",
+        "1",
+        "--strategy.ep",
+        "1",
+        "--strategy.micro_batch_size",
+        "2",
+        "--strategy.sp",
+        "false",
+        "--strategy.use_distributed_optimizer",
+        "true",
+        "--strategy.overlap_grad_reduce",
+        "false",
+        "--strategy.overlap_param_gather",
+        "false",
+        "--strategy.recompute.granularity",
+        "full",
+        "--strategy.recompute.method",
+        "uniform",
+        "--strategy.recompute.num_layers",
+        "1",
+        "--strategy.recompute.modules",
+        "[core_attn, mlp]",
+        "--trainer.max_steps",
+        "7",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.val_check_interval",
+        "5",
+        "--trainer.limit_val_batches",
+        "3",
+        "--trainer.log_every_n_steps",
+        "2",
+        "--trainer.gradient_clip_val",
+        "1.0",
+        "--seed_everything",
+        "7",
+        "--model.lr",
+        "2e-5",
+        "--model.warmup_steps",
+        "3",
+        "--model.lr_decay",
+        "linear",
+        "--model.weight_decay",
+        "0.1",
+        "--model.eps",
+        "1e-6",
+        "--checkpoint.dirpath",
+        str(tmp_path / "out"),
+        "--checkpoint.every_n_train_steps",
+        "5",
+        "--checkpoint_io.finetune",
+        "true",
+        "--checkpoint_io.async_save",
+        "false",
+        "--checkpoint_io.no_save_optim",
+        "true",
+        "--checkpoint_io.no_save_rng",
+        "true",
+        "--checkpoint_io.no_load_optim",
+        "true",
+        "--checkpoint_io.no_load_rng",
+        "true",
+        "--data.sources",
+        f"[{data}#3, self-cognition#2]",
+        "--data.val_sources",
+        f"[{data}]",
+        "--data.split_dataset_ratio",
+        "0.1",
+        "--data.packing",
+        "true",
+        "--data.streaming",
+        "false",
+        "--data.template",
+        "chatml",
+        "--data.model_name",
+        "Tiny",
+        "--data.model_author",
+        "Tests",
+        "--data.tokenizer",
+        str(work / "tok"),
+        "--data.max_length",
+        "64",
+        "--global_batch_size",
+        "4",
+        "--train_type",
+        "full",
+    ]
+    used = {token[2:] for token in swift if token.startswith("--")}
+    untested = set(TRAIN_ALIASES) - used - {"tp", "pp", "cp", "ep", "load", "lora_rank", "lora_alpha"}
+    untested -= {"lora_dropout", "target_modules", "beta", "virtual_pipeline_model_parallel_size"}
+    untested -= {"expert_tensor_parallel_size"}
+    assert not untested, f"add these aliases to this test: {sorted(untested)}"
+    config = as_dict(parse("sft", swift, work, monkeypatch))
+    assert config == as_dict(parse("sft", canonical, work, monkeypatch))
+    assert config["strategy"]["recompute"] == {
+        "granularity": "full",
+        "method": "uniform",
+        "num_layers": 1,
+        "modules": ["core_attn", "mlp"],
+    }
+
+
+@pytest.mark.parametrize(
+    "swift, canonical",
+    [
+        (["--tp", "2", "--pp", "2"], ["--strategy.tp", "2", "--strategy.pp", "2"]),
+        (["--cp", "2", "--ep", "4"], ["--strategy.cp", "2", "--strategy.ep", "4"]),
+        (["--virtual_pipeline_model_parallel_size", "2"], ["--strategy.vpp", "2"]),
+        (["--expert_tensor_parallel_size", "1"], ["--strategy.etp", "1"]),
+        (["--load", "ckpt"], ["--ckpt_path", "ckpt"]),
+        (["--tp=2", "--dataset=a.jsonl"], ["--strategy.tp", "2", "--data.sources", "a.jsonl"]),
+        (["--model", "hf/dir"], ["--model.hf_source", "hf/dir"]),
+        (["--model", "model.yaml"], ["--model", "model.yaml"]),
+        (["--lora_rank", "8", "--lora_alpha", "16"], ["--lora.r", "8", "--lora.alpha", "16"]),
+        (["--beta", "0.1"], ["--dpo.beta", "0.1"]),
+        (["--finetune", "--model.lr", "1"], ["--checkpoint_io.finetune", "true", "--model.lr", "1"]),
+        (["--print_config", "--lr", "1"], ["--print_config", "--model.lr", "1"]),
+    ],
+)
+def test_alias_translation(swift, canonical):
+    assert translate("sft", swift) == canonical
+
+
+def test_layout_aliases_reach_the_strategy(work, monkeypatch):
+    argv = [
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+        "--cp",
+        "1",
+        "--ep",
+        "1",
+        "--virtual_pipeline_model_parallel_size",
+        "2",
+        "--expert_tensor_parallel_size",
+        "1",
+    ]
+    parallel = parse(
+        "sft", ["--config", "base.yaml", *SELF_COGNITION, *argv], work, monkeypatch
+    ).trainer.strategy.parallel
+    assert (parallel.tp, parallel.pp, parallel.vpp, parallel.cp, parallel.ep, parallel.etp) == (1, 2, 2, 1, 1, 1)
+    assert translate("pt", ["--max_length", "64"]) == ["--data.seq_length", "64"]
+    assert LISTS <= set(TRAIN_ALIASES) and SWITCHES - {"stream"} <= set(TRAIN_ALIASES)
+
+
+def test_print_config_round_trips(work, monkeypatch, capsys):
+    argv = [
+        "--config",
+        "base.yaml",
+        "--tp",
+        "1",
+        "--lr",
+        "3e-5",
+        "--recompute_granularity",
+        "selective",
+        *SELF_COGNITION,
+    ]
+    with pytest.raises(SystemExit) as exit_code:
+        parse("sft", argv + ["--print_config"], work, monkeypatch)
+    assert exit_code.value.code == 0
+    printed = capsys.readouterr().out
+    (work / "printed.yaml").write_text(printed)
+    assert yaml.safe_load(printed)["model"]["lr"] == 3e-5
+    again = parse("sft", ["--config", "printed.yaml"], work, monkeypatch)
+    assert as_dict(again) == as_dict(parse("sft", argv, work, monkeypatch))
+
+
+def test_model_config_and_tokenizer_come_from_the_hf_directory(work, monkeypatch, tmp_path):
+    from tests.hf_models import make_hf_model
+
+    hf = make_hf_model("qwen2", tmp_path / "hf")
+    train_tokenizer([bundled_corpus()[:20000]], vocab_size=300).save_pretrained(hf)
+    cli = parse(
+        "sft", ["--model", str(hf), "--model.config.init_method_std", "0.5", *SELF_COGNITION], work, monkeypatch
+    )
+    expected = GPTConfig.from_hf(hf)
+    expected.init_method_std = 0.5  # an explicit override beats the HF value
+    assert cli.model.config == expected
+    assert cli.model.hparams.hf_source == str(hf)
+    assert len(cli.datamodule.tokenizer) == 300
+
+
+# ----------------------------------------------------------------------------- bad input
+def run_main(argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.chdir(cwd)
+    try:
+        code = main(argv)
+    except SystemExit as error:  # jsonargparse's own usage errors
+        code = error.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--train_type", "qlora"], "--train_type 'qlora' is not supported; choose one of full, lora"),
+        (["--dataset", "missing.jsonl#5"], "--dataset missing.jsonl#5: no such file 'missing.jsonl'"),
+        (["--data.tokenizer", "no_such_tok"], "tokenizer 'no_such_tok': no such directory"),
+        (["--trainer.strategy", "ddp"], "set its options with --strategy.* (e.g. --strategy.tp 2)"),
+        (["--global_batch_size", "3", "--micro_batch_size", "2"], "global_batch_size=3 must be a multiple of"),
+        (["--lr"], "--lr needs a value"),
+        (["--load", "."], "holds no lightning_megatron checkpoint"),
+        (["--tensor_model_parallel_size", "two"], "strategy.tp"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(work, monkeypatch, capsys, argv, message):
+    defaults = ["--config", "base.yaml", *SELF_COGNITION]
+    code, log = run_main(["sft", *defaults, *argv], work, monkeypatch, capsys)
+    assert code == 2 and message in log, log
+
+
+def test_missing_tokenizer_is_named(work, monkeypatch, capsys):
+    (work / "notok.yaml").write_text(yaml.safe_dump({"model": {"config": TINY}}))
+    code, log = run_main(["sft", "--config", "notok.yaml", *SELF_COGNITION], work, monkeypatch, capsys)
+    assert code == 2 and "pass --model HF_DIR (its tokenizer is used) or --data.tokenizer" in log, log
+
+
+@pytest.mark.skipif(_has_callback("LoRA"), reason="LoRA is installed: tested by the LoRA tests")
+def test_lora_without_the_callback_says_so(work, monkeypatch, capsys):
+    for argv in (["--train_type", "lora"], ["--lora_rank", "8"]):
+        code, log = run_main(["sft", "--config", "base.yaml", *SELF_COGNITION, *argv], work, monkeypatch, capsys)
+        assert code == 2 and "needs lightning_megatron.callbacks.LoRA" in log, log
+
+
+@pytest.mark.skipif(_has_callback("DPO"), reason="DPO is installed: tested by the DPO tests")
+def test_dpo_without_the_callback_says_so(work, monkeypatch, capsys):
+    code, log = run_main(["dpo", "--config", "base.yaml"], work, monkeypatch, capsys)
+    assert code == 2 and "lightning-megatron dpo needs lightning_megatron.callbacks.DPO" in log, log
+
+
+def test_infer_needs_a_model(work, monkeypatch, capsys):
+    code, log = run_main(["infer"], work, monkeypatch, capsys)
+    assert code == 2 and "give --load CHECKPOINT" in log, log
+
+
+# ------------------------------------------------------------------ training and chatting
+def cli(*args, cwd: Path, stdin: str | None = None) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_megatron.cli", *map(str, args)],
+        cwd=cwd,
+        env=job_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(work) -> Path:
+    """`sft` on one CPU process for 3 steps, saving with --save (a subprocess: the real entry point)."""
+    out = cli("sft", "--config", "base.yaml", *SELF_COGNITION, "--save", "out", "--save_interval", "2", cwd=work)
+    assert "checkpoints in" in out
+    return work / "out"
+
+
+def test_sft_saves_versioned_checkpoints_and_its_config(trained):
+    (version,) = trained.iterdir()
+    assert version.name.startswith("v0-")
+    steps = sorted(
+        json.loads((p / "lightning_megatron.json").read_text())["global_step"]
+        for p in version.glob("*.ckpt")
+        if not p.is_symlink()
+    )
+    assert steps[-1] == 3  # saved at the end even though 3 is not a multiple of save_interval
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["model"]["config"]["num_layers"] == 2 and Path(saved["data"]["tokenizer"]).is_absolute()
+
+
+def chat_reply(out: str, query: str) -> str:
+    lines = out.splitlines()
+    start = lines.index(f"<<< {query}")
+    return lines[start + 1]
+
+
+@pytest.mark.multiprocess
+def test_infer_streams_the_same_reply_under_tp1_and_tp2(trained, work):
+    query = "who are you?"
+    one = cli("infer", "--load", "out", "--max_new_tokens", "8", cwd=work, stdin=f"{query}\nclear\n")
+    two = cli(
+        "infer",
+        "--load",
+        "out",
+        "--max_new_tokens",
+        "8",
+        "--tensor_model_parallel_size",
+        "2",
+        cwd=work,
+        stdin=f"{query}\n",
+    )
+    reply = chat_reply(one, query)
+    assert reply.strip(), one
+    assert chat_reply(two, query) == reply
+
+
+@pytest.mark.multiprocess
+def test_sft_under_tp2_finetunes_from_the_saved_checkpoint(trained, work):
+    out = cli(
+        "sft",
+        "--config",
+        "base.yaml",
+        *SELF_COGNITION,
+        "--load",
+        "out",
+        "--finetune",
+        "--tp",
+        "2",
+        "--trainer.devices",
+        "2",
+        "--train_iters",
+        "2",
+        "--save",
+        "out_tp2",
+        "--add_version",
+        "false",
+        cwd=work,
+    )
+    assert "checkpoints in" in out
+    (saved,) = (work / "out_tp2").glob("*.ckpt")
+    info = json.loads((saved / "lightning_megatron.json").read_text())
+    assert info["layout"]["tp"] == 2 and info["global_step"] == 2  # finetune restarts at step 0
