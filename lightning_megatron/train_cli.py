@@ -47,7 +47,7 @@ def optional_callback(name: str, needed_for: str) -> type[Callback]:
     return callback
 
 
-def _has_callback(name: str) -> bool:
+def has_callback(name: str) -> bool:
     return hasattr(importlib.import_module("lightning_megatron.callbacks"), name)
 
 
@@ -68,7 +68,7 @@ class MegatronCLI(LightningCLI):
         self.command = command
         if command == "dpo":
             optional_callback("DPO", "lightning-megatron dpo")
-        if any(a.startswith("--lora.") for a in args) and not _has_callback("LoRA"):
+        if any(a.startswith("--lora.") for a in args) and not has_callback("LoRA"):
             optional_callback("LoRA", "--lora.* options")
         super().__init__(
             GPTModule,
@@ -98,8 +98,8 @@ class MegatronCLI(LightningCLI):
         )
         parser.add_argument("--add_version", type=bool, default=True, help="save into checkpoint.dirpath/v<N>-<time>")
         parser.add_argument("--train_type", type=Literal["full", "lora"], default="full")
-        if _has_callback("LoRA"):
-            parser.add_class_arguments(optional_callback("LoRA", "LoRA"), "lora")
+        if has_callback("LoRA"):
+            parser.add_class_arguments(optional_callback("LoRA", "--train_type lora"), "lora")
         if self.command == "dpo":
             parser.add_lightning_class_args(optional_callback("DPO", "lightning-megatron dpo"), "dpo")
         # Filled from --model / --ckpt_path when not given (see parse_arguments).
@@ -143,7 +143,7 @@ class MegatronCLI(LightningCLI):
         self.datamodule.tokenizer = load_tokenizer(config.data.tokenizer)
         strategy = self.config_init.strategy
         strategy.checkpoint_io = self.config_init.checkpoint_io
-        callbacks = list(config.trainer.callbacks or [])
+        callbacks = list(self.config_init.trainer.callbacks or [])
         if config.train_type == "lora":
             optional_callback("LoRA", "--train_type lora")
             callbacks.append(self.config_init.lora)
@@ -153,7 +153,7 @@ class MegatronCLI(LightningCLI):
             if config.add_version:
                 checkpoint.dirpath = str(versioned_dir(config.checkpoint.dirpath))
             # Logs and the saved config.yaml go beside the checkpoints, as Megatron-SWIFT's do.
-            trainer_kwargs.setdefault("default_root_dir", config.trainer.default_root_dir or checkpoint.dirpath)
+            trainer_kwargs["default_root_dir"] = config.trainer.default_root_dir or checkpoint.dirpath
             callbacks.append(SaveAtEnd(checkpoint))
         self.trainer = self.instantiate_trainer(**trainer_kwargs)
         if config.global_batch_size:

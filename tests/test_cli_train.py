@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from lightning_megatron.cli import main
 from lightning_megatron.data.text import bundled_corpus
 from lightning_megatron.data.tokenizer import train_tokenizer
 from lightning_megatron.swift_args import LISTS, SWITCHES, TRAIN_ALIASES, translate
-from lightning_megatron.train_cli import MegatronCLI, _has_callback
+from lightning_megatron.train_cli import MegatronCLI, has_callback
 from tests.conftest import job_env
 
 TINY = dict(
@@ -399,14 +400,14 @@ def test_missing_tokenizer_is_named(work, monkeypatch, capsys):
     assert code == 2 and "pass --model HF_DIR (its tokenizer is used) or --data.tokenizer" in log, log
 
 
-@pytest.mark.skipif(_has_callback("LoRA"), reason="LoRA is installed: tested by the LoRA tests")
+@pytest.mark.skipif(has_callback("LoRA"), reason="LoRA is installed: tested by the LoRA tests")
 def test_lora_without_the_callback_says_so(work, monkeypatch, capsys):
     for argv in (["--train_type", "lora"], ["--lora_rank", "8"]):
         code, log = run_main(["sft", "--config", "base.yaml", *SELF_COGNITION, *argv], work, monkeypatch, capsys)
         assert code == 2 and "needs lightning_megatron.callbacks.LoRA" in log, log
 
 
-@pytest.mark.skipif(_has_callback("DPO"), reason="DPO is installed: tested by the DPO tests")
+@pytest.mark.skipif(has_callback("DPO"), reason="DPO is installed: tested by the DPO tests")
 def test_dpo_without_the_callback_says_so(work, monkeypatch, capsys):
     code, log = run_main(["dpo", "--config", "base.yaml"], work, monkeypatch, capsys)
     assert code == 2 and "lightning-megatron dpo needs lightning_megatron.callbacks.DPO" in log, log
@@ -454,29 +455,67 @@ def test_sft_saves_versioned_checkpoints_and_its_config(trained):
 
 
 def chat_reply(out: str, query: str) -> str:
-    lines = out.splitlines()
-    start = lines.index(f"<<< {query}")
-    return lines[start + 1]
+    """The reply printed after the echoed ``<<< query`` line."""
+    return out.split(f"<<< {query}\n", 1)[1].split("\n<<< ", 1)[0]
+
+
+def chat_in_process(argv: list[str], lines: str, cwd: Path, monkeypatch, capsys) -> str:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    code, out = run_main(["infer", *argv], cwd, monkeypatch, capsys)
+    assert code == 0, out
+    return out
 
 
 @pytest.mark.multiprocess
-def test_infer_streams_the_same_reply_under_tp1_and_tp2(trained, work):
+def test_infer_streams_the_same_reply_under_tp1_and_tp2(trained, work, monkeypatch, capsys):
     query = "who are you?"
-    one = cli("infer", "--load", "out", "--max_new_tokens", "8", cwd=work, stdin=f"{query}\nclear\n")
-    two = cli(
-        "infer",
-        "--load",
-        "out",
-        "--max_new_tokens",
-        "8",
-        "--tensor_model_parallel_size",
-        "2",
-        cwd=work,
-        stdin=f"{query}\n",
-    )
+    argv = ["--load", "out", "--max_new_tokens", "8"]
+    one = chat_in_process(argv, f"{query}\nclear\n{query}\n", work, monkeypatch, capsys)
     reply = chat_reply(one, query)
     assert reply.strip(), one
+    assert one.count(f"<<< {query}\n{reply}\n") == 2  # after `clear` the same question gets the same answer
+    two = cli("infer", *argv, "--tensor_model_parallel_size", "2", cwd=work, stdin=f"{query}\n")
     assert chat_reply(two, query) == reply
+
+
+def test_infer_with_an_hf_model_matches_transformers_greedy_decoding(work, monkeypatch, capsys, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.hf_models import make_hf_model
+
+    hf = make_hf_model("qwen2", tmp_path / "hf", vocab_size=512)
+    tokenizer = AutoTokenizer.from_pretrained(work / "tok")
+    tokenizer.save_pretrained(hf)
+    query = "Tell me a story."
+    reply = chat_reply(
+        chat_in_process(["--model", str(hf), "--max_new_tokens", "10"], f"{query}\n", work, monkeypatch, capsys),
+        query,
+    )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": query}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
+    stop = sorted({tokenizer.eos_token_id, *tokenizer.all_special_ids})
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
+    expected = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
+    assert reply == expected.rstrip("\ufffd") and reply
+
+
+def test_pt_trains_with_a_global_batch(work, monkeypatch, capsys, tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text(bundled_corpus()[:20000])
+    config = yaml.safe_load((work / "base.yaml").read_text())
+    del config["data"]["max_length"]  # SFT's name; pretraining has seq_length (SWIFT's --max_length maps to it)
+    (tmp_path / "pt.yaml").write_text(yaml.safe_dump(config))
+    argv = ["--config", "pt.yaml", "--dataset", str(docs), "--max_length", "32", "--train_iters", "2"]
+    argv += ["--global_batch_size", "4", "--micro_batch_size", "2", "--save", "out", "--add_version", "false"]
+    code, log = run_main(["pt", *argv], tmp_path, monkeypatch, capsys)
+    assert code == 0, log
+    (saved,) = (tmp_path / "out").glob("*.ckpt")
+    info = json.loads((saved / "lightning_megatron.json").read_text())
+    assert info["global_step"] == 2 and info["consumed_samples"] == 8  # 2 steps of the global batch of 4
 
 
 @pytest.mark.multiprocess
