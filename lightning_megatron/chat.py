@@ -41,7 +41,10 @@ def infer(
             source, or the ``data.tokenizer`` of the training run's saved ``config.yaml``.
         tp: tensor-parallel size (one process per rank).
         precision: Lightning precision; default ``bf16-mixed`` on GPU, ``32-true`` on CPU.
-        max_new_tokens, temperature, top_k, seed: decoding (``temperature=0``: greedy).
+        max_new_tokens: the longest reply, in tokens.
+        temperature: 0 decodes greedily; above 0 samples.
+        top_k: sample among the k likeliest tokens only.
+        seed: sampling seed.
         system: a system prompt.
         stream: print tokens as they come (otherwise each reply at once).
     """
@@ -194,7 +197,9 @@ def main(args: list[str]) -> int:
     """``lightning-megatron infer`` with canonical ``args`` (after :func:`swift_args.translate`)."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="lightning-megatron infer", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(
+        prog="lightning-megatron infer", description="chat with a torch_dist checkpoint or a Hugging Face model"
+    )
     parser.add_argument("--config", action="config", help="a YAML file with these options")
     parser.add_function_arguments(infer)
     config = parser.parse_args(args)

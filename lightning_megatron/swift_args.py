@@ -76,10 +76,7 @@ TRAIN_ALIASES: dict[str, str] = {
 }
 PT_ALIASES = {**TRAIN_ALIASES, "max_length": "data.seq_length"}
 
-INFER_ALIASES: dict[str, str] = {
-    "tensor_model_parallel_size": "tp",
-    "max_length": "max_new_tokens",
-}
+INFER_ALIASES: dict[str, str] = {"tensor_model_parallel_size": "tp"}
 
 ALIASES = {"pt": PT_ALIASES, "sft": TRAIN_ALIASES, "dpo": TRAIN_ALIASES, "infer": INFER_ALIASES}
 
@@ -145,6 +142,6 @@ def translate(command: str, argv: list[str]) -> list[str]:
             is_config = values[0].endswith(CONFIG_SUFFIXES) or values[0].lstrip().startswith("{")
             out += ["--model", values[0]] if is_config else ["--model.hf_source", values[0]]
         else:
-            value = json.dumps(values) if name in LISTS and not has_value else values[0]
+            value = json.dumps(values) if name in LISTS else values[0]
             out += [f"--{aliases.get(name, name)}", value]
     return out
