@@ -133,9 +133,16 @@ class Chat(L.Callback):
             if not query:
                 continue
             messages.append({"role": "user", "content": query})
+            prompt = self._prompt_ids(messages)
+            room = pl_module.config.max_position_embeddings - len(prompt)
+            if room < 1:
+                if rank0:
+                    self.output.write(f"[the conversation has {len(prompt)} tokens, the model's limit; cleared]\n")
+                messages = self._fresh()
+                continue
             reply = ""
             for piece in stream_reply(
-                next_token, self.tokenizer, self._prompt_ids(messages), self.decoding["max_new_tokens"], self.stop_ids
+                next_token, self.tokenizer, prompt, min(room, self.decoding["max_new_tokens"]), self.stop_ids
             ):
                 reply += piece
                 if rank0 and self.stream:

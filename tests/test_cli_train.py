@@ -67,7 +67,9 @@ def test_config_files_and_overrides_reach_the_dataclasses(work, monkeypatch):
     )
     (work / "lr.yaml").write_text(yaml.safe_dump({"model": {"lr": 5e-4, "warmup_steps": 2}}))
     argv = ["--config", "base.yaml", "--config", "layout.yaml", "--config", "lr.yaml", "--model.lr", "1e-5"]
-    cli = parse("sft", argv + ["--model.config.num_layers", "4", *SELF_COGNITION], work, monkeypatch)
+    argv += ["--model.config.num_layers", "4", *SELF_COGNITION]
+    argv += ["--trainer.callbacks+", "lightning_megatron.callbacks.Freeze", "--trainer.callbacks.freeze_ratio", "0.5"]
+    cli = parse("sft", argv, work, monkeypatch)
     assert cli.model.config == GPTConfig(**{**TINY, "num_layers": 4})
     assert cli.model.hparams.lr == 1e-5  # the command line wins over every file
     assert cli.model.hparams.warmup_steps == 2  # the later file adds to the earlier ones
@@ -78,6 +80,8 @@ def test_config_files_and_overrides_reach_the_dataclasses(work, monkeypatch):
     assert cli.datamodule.max_length == 128 and cli.datamodule.model_author == "Tests"
     assert len(cli.datamodule.tokenizer) == 512  # the tokenizer directory was loaded
     assert cli.trainer.max_steps == 3
+    (freeze,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "Freeze"]  # any callback, by class path
+    assert freeze.freeze_ratio == 0.5
 
 
 def test_swift_command_line_matches_the_canonical_one(work, monkeypatch, tmp_path):
