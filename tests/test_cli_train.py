@@ -262,6 +262,26 @@ def test_dpo_without_the_callback_says_so(work, monkeypatch, capsys):
     assert code == 2 and "lightning-megatron dpo needs lightning_megatron.callbacks.DPO" in log, log
 
 
+@pytest.mark.skipif(not has_callback("LoRA"), reason="lightning_megatron.callbacks.LoRA is not installed")
+def test_lora_options_reach_the_lora_callback(work, monkeypatch):
+    argv = ["--train_type", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.1"]
+    cli = parse(
+        "sft", ["--config", "base.yaml", *SELF_COGNITION, *argv, "--target_modules", "linear_qkv"], work, monkeypatch
+    )
+    assert (cli.config.lora.r, cli.config.lora.alpha, cli.config.lora.dropout) == (4, 8, 0.1)
+    assert list(cli.config.lora.target_modules) == ["linear_qkv"]
+    assert any(type(c).__name__ == "LoRA" for c in cli.trainer.callbacks)
+
+
+@pytest.mark.skipif(not has_callback("DPO"), reason="lightning_megatron.callbacks.DPO is not installed")
+def test_dpo_wires_the_dpo_callback_and_preference_data(work, monkeypatch, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    cli = parse("dpo", ["--config", "base.yaml", "--dataset", str(pairs), "--beta", "0.2"], work, monkeypatch)
+    assert type(cli.datamodule).__name__ == "PreferenceDataModule" and cli.config.dpo.beta == 0.2
+    assert any(type(c).__name__ == "DPO" for c in cli.trainer.callbacks)
+
+
 def test_infer_needs_a_model(work, monkeypatch, capsys):
     code, log = run_main(["infer"], work, monkeypatch, capsys)
     assert code == 2 and "give --load CHECKPOINT" in log, log
