@@ -387,6 +387,30 @@ def test_pt_trains_with_a_global_batch(work, monkeypatch, capsys, tmp_path):
     assert info["global_step"] == 2 and info["consumed_samples"] == 8  # 2 steps of the global batch of 4
 
 
+def test_finetune_from_an_exported_checkpoint_starts_from_the_hf_weights(work, monkeypatch, tmp_path):
+    """Megatron-SWIFT's flow: `export --to-mcore`, then `sft --load CKPT --finetune` (model config
+    and tokenizer from the checkpoint): the first loss equals that of `sft --model HF_DIR`."""
+    from lightning_megatron.cli import to_mcore
+    from tests.hf_models import make_hf_model
+
+    hf = make_hf_model("qwen2", tmp_path / "hf", vocab_size=512)
+    train_tokenizer([bundled_corpus()[:60000]], vocab_size=512).save_pretrained(hf)
+    to_mcore(str(hf), str(tmp_path / "mcore"))
+    run = {
+        "data": {"max_length": 128, "batch_size": 2},
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    common = ["--config", "run.yaml", *SELF_COGNITION, "--train_iters", "1"]
+    losses = []
+    for source in (["--model", str(hf)], ["--load", "mcore", "--finetune"]):
+        cli = parse("sft", [*common, *source], tmp_path, monkeypatch)
+        assert cli.model.config == GPTConfig.from_hf(hf)
+        cli.run()
+        losses.append(float(cli.trainer.callback_metrics["train/loss"]))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)  # 6.81 here; a fresh init gives about ln(512) = 6.24
+
+
 @pytest.mark.multiprocess
 def test_sft_under_tp2_finetunes_from_the_saved_checkpoint(trained, work):
     out = cli(
