@@ -126,6 +126,7 @@ CONFIG_COMMANDS = {
 
 
 def run_config_command(command: str, argv: list[str]) -> int:
+    from lightning_megatron.checkpoint import CheckpointError
     from lightning_megatron.swift_args import UsageError, translate
 
     try:
@@ -137,7 +138,7 @@ def run_config_command(command: str, argv: list[str]) -> int:
         from lightning_megatron.train_cli import main as train_main
 
         return train_main(command, args)
-    except UsageError as error:
+    except (UsageError, CheckpointError) as error:  # bad input: the message says what to do
         print(f"lightning-megatron {command}: error: {error}", file=sys.stderr, flush=True)
         return 2
 

@@ -234,6 +234,7 @@ def run_main(argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]
         (["--global_batch_size", "3", "--micro_batch_size", "2"], "global_batch_size=3 must be a multiple of"),
         (["--lr"], "--lr needs a value"),
         (["--load", "."], "holds no lightning_megatron checkpoint"),
+        (["--load", "no_such_dir"], "checkpoint no_such_dir does not exist"),
         (["--tensor_model_parallel_size", "two"], "strategy.tp"),
     ],
 )
