@@ -15,7 +15,12 @@ from typing import Any, TextIO
 import lightning as L
 import torch
 
+from lightning_megatron.checkpoint import read_info
+from lightning_megatron.cli import _trainer
+from lightning_megatron.models.config import GPTConfig
+from lightning_megatron.models.gpt import GPTModule
 from lightning_megatron.swift_args import UsageError
+from lightning_megatron.train_cli import load_tokenizer, resolve_checkpoint
 
 
 def infer(
@@ -48,19 +53,14 @@ def infer(
         system: a system prompt.
         stream: print tokens as they come (otherwise each reply at once).
     """
-    from lightning_megatron.cli import _trainer
-    from lightning_megatron.models.config import GPTConfig
-    from lightning_megatron.models.gpt import GPTModule
-    from lightning_megatron.train_cli import load_tokenizer, resolve_checkpoint
-
     if load is None and model is None:
         raise UsageError("give --load CHECKPOINT (a torch_dist checkpoint or --save directory) or --model HF_DIR")
     checkpoint, hf_source = None, None
     if load is not None:
-        from lightning_megatron.checkpoint import read_info
-
         checkpoint = resolve_checkpoint(load)
         info = read_info(checkpoint)
+        if not info.get("model_config"):
+            raise UsageError(f"{checkpoint} was not saved from a GPTModule (no model_config); infer cannot build it")
         module = GPTModule(GPTConfig(**info["model_config"]))
         hf_source = info.get("hf_source")
     else:

@@ -238,6 +238,11 @@ def load_tokenizer(name: str) -> Any:
 def local_batch_size(global_batch_size: int, world_size: int, parallel: Any) -> int:
     """The DataLoader (data-parallel-local) batch for a global batch, checked against the layout."""
     dp = parallel.dp(world_size)
+    if dp < 1:
+        raise UsageError(
+            f"tp*pp*cp={parallel.tp * parallel.pp * parallel.cp} needs at least that many processes, not "
+            f"{world_size}; raise --trainer.devices (or --trainer.num_nodes)"
+        )
     unit = parallel.micro_batch_size * dp
     if global_batch_size % unit:
         raise UsageError(

@@ -233,6 +233,7 @@ def run_main(argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]
         (["--trainer.strategy", "ddp"], "set its options with --strategy.* (e.g. --strategy.tp 2)"),
         (["--global_batch_size", "3", "--micro_batch_size", "2"], "global_batch_size=3 must be a multiple of"),
         (["--lr"], "--lr needs a value"),
+        (["--tp", "2", "--global_batch_size", "4"], "tp*pp*cp=2 needs at least that many processes, not 1"),
         (["--load", "."], "holds no lightning_megatron checkpoint"),
         (["--load", "no_such_dir"], "checkpoint no_such_dir does not exist"),
         (["--tensor_model_parallel_size", "two"], "strategy.tp"),
