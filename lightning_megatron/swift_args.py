@@ -40,6 +40,8 @@ TRAIN_ALIASES: dict[str, str] = {
     "log_interval": "trainer.log_every_n_steps",
     "clip_grad": "trainer.gradient_clip_val",
     "seed": "seed_everything",
+    # the model (GPTModule, GPTConfig)
+    "model_type": "preset",
     # optimizer and schedule (GPTModule)
     "lr": "model.lr",
     "lr_warmup_iters": "model.warmup_steps",

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_megatron.checkpoint import INFO_FILE, MegatronCheckpointIO, read_info, versioned_dir
-from lightning_megatron.models.config import GPTConfig
+from lightning_megatron.models.config import PRESETS, GPTConfig
 from lightning_megatron.models.gpt import GPTModule
 from lightning_megatron.strategy import MegatronStrategy
 from lightning_megatron.swift_args import UsageError
@@ -98,6 +98,12 @@ class MegatronCLI(LightningCLI):
         )
         parser.add_argument("--add_version", type=bool, default=True, help="save into checkpoint.dirpath/v<N>-<time>")
         parser.add_argument("--train_type", type=Literal["full", "lora"], default="full")
+        parser.add_argument(
+            "--preset",
+            type=Literal[tuple(sorted(PRESETS))] | None,
+            default=None,
+            help="model.config defaults from GPTConfig.preset(PRESET) (a random model of that family)",
+        )
         if has_callback("LoRA"):
             parser.add_class_arguments(optional_callback("LoRA", "--train_type lora"), "lora")
         if self.command == "dpo":
@@ -108,10 +114,10 @@ class MegatronCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str]) -> None:
         """Parse twice: the model's config (and tokenizer) default to those of the Hugging Face
-        model (``model.hf_source``) or checkpoint (``ckpt_path``) the first pass names, so
-        explicit ``--model.config.*`` values still override them."""
+        model (``model.hf_source``), checkpoint (``ckpt_path``) or preset the first pass names,
+        so explicit ``--model.config.*`` values still override them."""
         first = parser.parse_args([a for a in args if a.split("=")[0] != "--print_config"], _skip_validation=True)
-        defaults = source_defaults(first.model.hf_source, first.ckpt_path)
+        defaults = source_defaults(first.model.hf_source, first.ckpt_path, first.preset)
         if defaults:
             parser.set_defaults(defaults)
         self.config = parser.parse_args(args)
@@ -186,7 +192,7 @@ class SaveAtEnd(Callback):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def source_defaults(hf_source: str | None, ckpt_path: str | None) -> dict[str, Any]:
+def source_defaults(hf_source: str | None, ckpt_path: str | None, preset: str | None = None) -> dict[str, Any]:
     """Parser defaults taken from the model's origin: its ``GPTConfig`` fields and tokenizer."""
     if hf_source:
         config = GPTConfig.from_hf(hf_source).to_dict()
@@ -194,6 +200,8 @@ def source_defaults(hf_source: str | None, ckpt_path: str | None) -> dict[str, A
     elif ckpt_path:
         info = read_info(resolve_checkpoint(ckpt_path))
         config, tokenizer = info.get("model_config") or {}, info.get("hf_source")
+    elif preset:
+        config, tokenizer = GPTConfig.preset(preset).to_dict(), None
     else:
         return {}
     defaults = {f"model.config.{key}": value for key, value in config.items()}

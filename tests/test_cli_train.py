@@ -98,7 +98,7 @@ def test_swift_command_line_matches_the_canonical_one(work, monkeypatch, tmp_pat
         --async_save False --no_save_optim --no_save_rng --no_load_optim --no_load_rng
         --dataset {data}#3 self-cognition#2 --val_dataset {data} --split_dataset_ratio 0.1 --packing true
         --streaming false --template chatml --model_name Tiny --model_author Tests --tokenizer {work / "tok"}
-        --max_length 64 --global_batch_size 4 --train_type full
+        --max_length 64 --global_batch_size 4 --train_type full --model_type qwen2
     """.split()
     canonical = f"""
         --config base.yaml --strategy.tp 1 --strategy.pp 1 --strategy.cp 1 --strategy.ep 1
@@ -115,7 +115,7 @@ def test_swift_command_line_matches_the_canonical_one(work, monkeypatch, tmp_pat
         --data.sources [{data}#3,self-cognition#2] --data.val_sources [{data}] --data.split_dataset_ratio 0.1
         --data.packing true --data.streaming false --data.template chatml --data.model_name Tiny
         --data.model_author Tests --data.tokenizer {work / "tok"} --data.max_length 64 --global_batch_size 4
-        --train_type full
+        --train_type full --preset qwen2
     """.split()
     used = {token[2:] for token in swift if token.startswith("--")}
     elsewhere = {"tp", "pp", "cp", "ep", "virtual_pipeline_model_parallel_size", "expert_tensor_parallel_size"}
@@ -211,6 +211,17 @@ def test_model_config_and_tokenizer_come_from_the_hf_directory(work, monkeypatch
     assert cli.model.config == expected
     assert cli.model.hparams.hf_source == str(hf)
     assert len(cli.datamodule.tokenizer) == 300
+
+
+def test_preset_fills_the_model_config(work, monkeypatch):
+    run = yaml.safe_load((work / "base.yaml").read_text())
+    del run["model"]
+    (work / "no_model.yaml").write_text(yaml.safe_dump(run))
+    shape = ["--model.config.num_layers", "2", "--model.config.hidden_size", "64", "--model.config.vocab_size", "512"]
+    cli = parse(
+        "sft", ["--config", "no_model.yaml", *SELF_COGNITION, "--model_type", "qwen3", *shape], work, monkeypatch
+    )
+    assert cli.model.config == GPTConfig.preset("qwen3", num_layers=2, hidden_size=64, vocab_size=512)
 
 
 # ----------------------------------------------------------------------------- bad input
