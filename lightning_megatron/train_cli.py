@@ -143,7 +143,10 @@ class MegatronCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         config = self.config
-        self.config_init = self.parser.instantiate_classes(config)
+        try:
+            self.config_init = self.parser.instantiate_classes(config)
+        except ValueError as error:  # the classes' own checks of their arguments: bad input
+            raise UsageError(str(error)) from error
         self.model = self.config_init.model
         self.datamodule = self.config_init.data
         self.datamodule.tokenizer = load_tokenizer(config.data.tokenizer)

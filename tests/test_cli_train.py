@@ -244,6 +244,8 @@ def run_main(argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]
         (["--trainer.strategy", "ddp"], "set its options with --strategy.* (e.g. --strategy.tp 2)"),
         (["--global_batch_size", "3", "--micro_batch_size", "2"], "global_batch_size=3 must be a multiple of"),
         (["--lr"], "--lr needs a value"),
+        (["--model.config.num_attention_heads", "3"], "num_query_groups=2 must divide num_attention_heads=3"),
+        (["--streaming"], "streaming=True reads files as they are: no packing, split_dataset_ratio or '#N'"),
         (["--tp", "2", "--global_batch_size", "4"], "tp*pp*cp=2 needs at least that many processes, not 1"),
         (["--load", "."], "holds no lightning_megatron checkpoint"),
         (["--load", "no_such_dir"], "checkpoint no_such_dir does not exist"),
