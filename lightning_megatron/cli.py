@@ -1,5 +1,7 @@
-"""``lightning-megatron``: command-line conversion between Hugging Face and Megatron checkpoints.
+"""``lightning-megatron``: train, chat with and convert Megatron models from the command line.
 
+    lightning-megatron pt|sft|dpo --config run.yaml --model HF_DIR --dataset data.jsonl --tp 2 --save out
+    lightning-megatron infer --load out [--tp 2]
     lightning-megatron export --to-mcore --model HF_DIR --output CKPT_DIR [--tp 2 --pp 2]
     lightning-megatron export --to-hf --load CKPT_DIR --output HF_DIR [--test-convert-precision]
     lightning-megatron export --to-hf --adapters LORA_CKPT [--load BASE] --output DIR [--merge-lora]
@@ -115,9 +117,41 @@ def check(hf_dir: str | Path, checkpoint: str | Path, tolerance: float) -> bool:
     return ok
 
 
+# Commands with their own (jsonargparse) parsers; see train_cli.py and chat.py.
+CONFIG_COMMANDS = {
+    "pt": "pretrain (LightningCLI: --config YAML, --print_config, Megatron-SWIFT names)",
+    "sft": "supervised fine-tuning (same options as pt, chat data)",
+    "dpo": "preference training (same options as sft, preference pairs)",
+    "infer": "chat with a torch_dist checkpoint or Hugging Face model, streaming tokens",
+}
+
+
+def run_config_command(command: str, argv: list[str]) -> int:
+    from lightning_megatron.checkpoint import CheckpointError
+    from lightning_megatron.swift_args import UsageError, translate
+
+    try:
+        args = translate(command, argv)
+        if command == "infer":
+            from lightning_megatron.chat import main as chat_main
+
+            return chat_main(args)
+        from lightning_megatron.train_cli import main as train_main
+
+        return train_main(command, args)
+    except (UsageError, CheckpointError) as error:  # bad input: the message says what to do
+        print(f"lightning-megatron {command}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in CONFIG_COMMANDS:
+        return run_config_command(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="lightning-megatron", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, help in CONFIG_COMMANDS.items():
+        commands.add_parser(name, help=help, add_help=False)
     export = commands.add_parser("export", help="convert between Hugging Face and torch_dist")
     direction = export.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to-mcore", action="store_true", help="HF directory -> torch_dist checkpoint")
