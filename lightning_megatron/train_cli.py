@@ -19,6 +19,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_megatron.callbacks import DPO, LoRA
 from lightning_megatron.checkpoint import INFO_FILE, MegatronCheckpointIO, read_info, versioned_dir
 from lightning_megatron.models.config import PRESETS, GPTConfig
 from lightning_megatron.models.gpt import GPTModule
@@ -30,25 +31,6 @@ COMMANDS = {
     "sft": ("lightning_megatron.data.sft_datamodule", "SFTDataModule", "supervised fine-tuning on chat data"),
     "dpo": ("lightning_megatron.data.sft_datamodule", "PreferenceDataModule", "DPO on preference pairs"),
 }
-
-
-def optional_callback(name: str, needed_for: str) -> type[Callback]:
-    """``lightning_megatron.callbacks.<name>``, or a :class:`UsageError` saying it is not installed.
-
-    The LoRA and DPO callbacks plug in by name, so the CLI works before and after they exist.
-    """
-    module = importlib.import_module("lightning_megatron.callbacks")
-    callback = getattr(module, name, None)
-    if callback is None:
-        raise UsageError(
-            f"{needed_for} needs lightning_megatron.callbacks.{name}, which this installation does not have; "
-            "update lightning-megatron (or train without it)"
-        )
-    return callback
-
-
-def has_callback(name: str) -> bool:
-    return hasattr(importlib.import_module("lightning_megatron.callbacks"), name)
 
 
 def _strategy_skip() -> set[str]:
@@ -66,10 +48,6 @@ class MegatronCLI(LightningCLI):
     def __init__(self, command: str, args: list[str]) -> None:
         module, name, description = COMMANDS[command]
         self.command = command
-        if command == "dpo":
-            optional_callback("DPO", "lightning-megatron dpo")
-        if any(a.startswith("--lora.") for a in args) and not has_callback("LoRA"):
-            optional_callback("LoRA", "--lora.* options")
         super().__init__(
             GPTModule,
             getattr(importlib.import_module(module), name),
@@ -104,10 +82,9 @@ class MegatronCLI(LightningCLI):
             default=None,
             help="model.config defaults from GPTConfig.preset(PRESET) (a random model of that family)",
         )
-        if has_callback("LoRA"):
-            parser.add_class_arguments(optional_callback("LoRA", "--train_type lora"), "lora")
+        parser.add_class_arguments(LoRA, "lora")
         if self.command == "dpo":
-            parser.add_lightning_class_args(optional_callback("DPO", "lightning-megatron dpo"), "dpo")
+            parser.add_lightning_class_args(DPO, "dpo")
         # Filled from --model / --ckpt_path when not given (see parse_arguments).
         tokenizer = parser._option_string_actions["--data.tokenizer"]
         tokenizer.required, tokenizer.default = False, None
@@ -154,7 +131,6 @@ class MegatronCLI(LightningCLI):
         strategy.checkpoint_io = self.config_init.checkpoint_io
         callbacks = list(self.config_init.trainer.callbacks or [])
         if config.train_type == "lora":
-            optional_callback("LoRA", "--train_type lora")
             callbacks.append(self.config_init.lora)
         trainer_kwargs: dict[str, Any] = dict(strategy=strategy, callbacks=callbacks)
         checkpoint = self.config_init.checkpoint

@@ -17,7 +17,7 @@ from lightning_megatron.cli import main
 from lightning_megatron.data.text import bundled_corpus
 from lightning_megatron.data.tokenizer import train_tokenizer
 from lightning_megatron.swift_args import LISTS, SWITCHES, TRAIN_ALIASES, translate
-from lightning_megatron.train_cli import MegatronCLI, has_callback
+from lightning_megatron.train_cli import MegatronCLI
 from tests.conftest import job_env
 
 TINY = dict(
@@ -264,20 +264,6 @@ def test_missing_tokenizer_is_named(work, monkeypatch, capsys):
     assert code == 2 and "pass --model HF_DIR (its tokenizer is used) or --data.tokenizer" in log, log
 
 
-@pytest.mark.skipif(has_callback("LoRA"), reason="LoRA is installed: tested by the LoRA tests")
-def test_lora_without_the_callback_says_so(work, monkeypatch, capsys):
-    for argv in (["--train_type", "lora"], ["--lora_rank", "8"]):
-        code, log = run_main(["sft", "--config", "base.yaml", *SELF_COGNITION, *argv], work, monkeypatch, capsys)
-        assert code == 2 and "needs lightning_megatron.callbacks.LoRA" in log, log
-
-
-@pytest.mark.skipif(has_callback("DPO"), reason="DPO is installed: tested by the DPO tests")
-def test_dpo_without_the_callback_says_so(work, monkeypatch, capsys):
-    code, log = run_main(["dpo", "--config", "base.yaml"], work, monkeypatch, capsys)
-    assert code == 2 and "lightning-megatron dpo needs lightning_megatron.callbacks.DPO" in log, log
-
-
-@pytest.mark.skipif(not has_callback("LoRA"), reason="lightning_megatron.callbacks.LoRA is not installed")
 def test_lora_options_reach_the_lora_callback(work, monkeypatch):
     argv = ["--train_type", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.1"]
     cli = parse(
@@ -288,7 +274,6 @@ def test_lora_options_reach_the_lora_callback(work, monkeypatch):
     assert any(type(c).__name__ == "LoRA" for c in cli.trainer.callbacks)
 
 
-@pytest.mark.skipif(not has_callback("DPO"), reason="lightning_megatron.callbacks.DPO is not installed")
 def test_dpo_wires_the_dpo_callback_and_preference_data(work, monkeypatch, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
@@ -452,3 +437,28 @@ def test_sft_under_tp2_finetunes_from_the_saved_checkpoint(trained, work):
     (saved,) = (work / "out_tp2").glob("*.ckpt")
     info = json.loads((saved / "lightning_megatron.json").read_text())
     assert info["layout"]["tp"] == 2 and info["global_step"] == 2  # finetune restarts at step 0
+
+
+def test_dpo_with_lora_trains_and_saves_adapters(work, monkeypatch, capsys, tmp_path):
+    """`lightning-megatron dpo --train_type lora`: a real run, saving an adapter-only checkpoint."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"{a} + {a}?", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(8)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--config", str(work / "base.yaml"), "--dataset", str(pairs), "--train_type", "lora", "--lora_rank", "4"]
+    argv += [
+        "--micro_batch_size",
+        "2",
+        "--train_iters",
+        "2",
+        "--beta",
+        "0.2",
+        "--save",
+        "out",
+        "--add_version",
+        "false",
+    ]
+    code, log = run_main(["dpo", *argv], tmp_path, monkeypatch, capsys)
+    assert code == 0, log
+    (saved,) = (tmp_path / "out").glob("*.ckpt")
+    info = json.loads((saved / "lightning_megatron.json").read_text())
+    assert info["partial_model"] and info["lora"]["r"] == 4 and info["global_step"] == 2
