@@ -402,6 +402,7 @@ def test_indexed_dataset_preprocess_and_blocks(tmp_path, tokenizer):
     ]
     proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stdout + proc.stderr
+    assert "30 docs" in proc.stderr, proc.stderr  # the progress bar
     indexed = PretrainDataModule([tmp_path / "out" / "docs.bin"], tokenizer, seq_length=16)
     raw = PretrainDataModule([tmp_path / "docs.jsonl"], tokenizer, seq_length=16)
     indexed.setup()

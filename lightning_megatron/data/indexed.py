@@ -16,19 +16,25 @@ import torch
 from torch.utils.data import Dataset
 
 
-def preprocess(documents: Iterable[str], output_prefix: str | Path, tokenizer: Any) -> Path:
-    """Tokenize documents (each followed by the end-of-sequence token) into ``PREFIX.bin/.idx``."""
+def preprocess(documents: Iterable[str], output_prefix: str | Path, tokenizer: Any, progress: bool = True) -> Path:
+    """Tokenize documents (each followed by the end-of-sequence token) into ``PREFIX.bin/.idx``,
+    with a progress bar (documents and tokens so far) unless ``progress=False``."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm.auto import tqdm
 
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     dtype = np.uint16 if vocab < 65500 else np.int32
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
-    for document in documents:
+    bar = tqdm(documents, desc=f"tokenizing -> {prefix}.bin", unit=" docs", disable=not progress, mininterval=1)
+    tokens = 0
+    for document in bar:
         ids = list(tokenizer.encode(document)) + [tokenizer.eos_token_id]
         builder.add_item(torch.tensor(ids))
         builder.end_document()
+        tokens += len(ids)
+        bar.set_postfix(tokens=tokens, refresh=False)
     builder.finalize(f"{prefix}.idx")
     return prefix
 
