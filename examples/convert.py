@@ -6,15 +6,14 @@
 
 Steps (each is one command you can also run by hand):
 
-    lightning-megatron export --to-mcore --model HF --output OUT/mcore --tp 2   # 2 processes
-    lightning-megatron check --model HF --load OUT/mcore                        # logits agree
-    lightning-megatron export --to-hf --load OUT/mcore --output OUT/hf          # any layout -> HF
+    lightning-megatron export --to-mcore --model HF --output OUT/mcore --tp 2 --test-convert-precision
+    lightning-megatron check --model HF --load OUT/mcore     # (tp > 1: the check runs in a new process)
+    lightning-megatron export --to-hf --load OUT/mcore --output OUT/hf --test-convert-precision
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,11 @@ def make_tiny_model(directory: Path) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).save_pretrained(directory)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():  # larger than the default init, so every layer shows in the logits
+        for param in model.parameters():
+            param.normal_(0, 0.1) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
     return directory
 
 
@@ -61,16 +64,22 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("convert_output"))
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"--out {args.out} is not empty; pass a new directory")
+    args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or make_tiny_model(args.out / "original")
 
-    lightning_megatron("export", "--to-mcore", "--model", model, "--output", args.out / "mcore", "--tp", args.tp)
-    lightning_megatron("check", "--model", model, "--load", args.out / "mcore")
-    lightning_megatron("export", "--to-hf", "--load", args.out / "mcore", "--output", args.out / "hf")
+    mcore, hf = args.out / "mcore", args.out / "hf"
+    # --test-convert-precision compares the logits of both sides (fails the command when they differ).
+    lightning_megatron(
+        "export", "--to-mcore", "--model", model, "--output", mcore, "--tp", args.tp, "--test-convert-precision"
+    )
+    if args.tp > 1:
+        lightning_megatron("check", "--model", model, "--load", mcore)
+    lightning_megatron("export", "--to-hf", "--load", mcore, "--output", hf, "--test-convert-precision")
 
     ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
-    diff = (logits(model, ids) - logits(args.out / "hf", ids)).abs().max().item()
+    diff = (logits(model, ids) - logits(hf, ids)).abs().max().item()
     print(f"round trip HF -> Megatron (tp={args.tp}) -> HF: max |logit diff| {diff:.2e}", flush=True)
     if diff > 1e-4:
         raise SystemExit(f"the round trip changed the logits by {diff:.2e} (> 1e-4)")
