@@ -81,12 +81,13 @@ class StageMemory:
         return self.weights + self.grads + self.optimizer + self.activations
 
     def to_dict(self) -> dict[str, Any]:
-        gib = {k: round(getattr(self, k) / GIB, 3) for k in ("weights", "grads", "optimizer", "activations", "total")}
+        parts = ("weights", "grads", "optimizer", "activations", "total")
         return {
             "stage": self.stage,
             "params": self.params,
             "microbatches_in_flight": self.microbatches_in_flight,
-            **{f"{k}_gib": v for k, v in gib.items()},
+            **{f"{k}_gib": round(getattr(self, k) / GIB, 3) for k in parts},
+            **{f"{k}_bytes": getattr(self, k) for k in parts},
         }
 
 

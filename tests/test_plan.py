@@ -152,3 +152,17 @@ def test_cli_prints_one_layout_as_json(capsys, tmp_path):
     assert "valid layouts" in table and "\n  1   1   1   1    2    2      none" in table, table
     with pytest.raises(ValueError, match="'nope' is neither a preset"):
         main(["--model", "nope", *args[2:], "--global-batch-size", "4"])
+
+
+def test_lightning_megatron_plan_command(capsys):
+    from lightning_megatron.cli import main as cli
+
+    args = ["plan", "--model", "qwen2", "--gpus", "8", "--gpu-memory", "80", "--seq-length", "4096"]
+    assert cli([*args, "--global-batch-size", "64", "--layout", "tp=2,pp=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dp"] == 2 and out["peak"]["total_bytes"] == sum(
+        out["peak"][f"{k}_bytes"] for k in ("weights", "grads", "optimizer", "activations")
+    )
+    # tp=4 cannot split Qwen2-0.5B's 14 heads: the layout is refused with the reason, exit code 1.
+    assert cli([*args, "--global-batch-size", "64", "--layout", "tp=4"]) == 1
+    assert "tp=4 does not divide num_attention_heads=14" in json.loads(capsys.readouterr().out)["reason"]
