@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning_megatron.models.config import PRESETS, GPTConfig
+from lightning_megatron.models.config import PRESETS, GPTConfig, RecomputeConfig
 from lightning_megatron.parallel import ParallelConfig, _divisors
 
 Recompute = Literal["none", "selective", "full"]
@@ -42,7 +42,7 @@ BYTES_PER_PARAM = {
 class Layout:
     """One candidate layout. Sequence parallelism is on whenever ``tp > 1`` (the planner's
     choice: it only saves memory); ``recompute="full"`` means uniform, one layer per group;
-    ``"selective"`` is Megatron's default selective recompute of the core attention."""
+    ``"selective"`` recomputes the MLP (or MoE) block: see :meth:`recompute_config`."""
 
     tp: int = 1
     pp: int = 1
@@ -60,6 +60,14 @@ class Layout:
             tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, sp=self.sp, micro_batch_size=self.micro_batch_size
         )
 
+    def recompute_config(self, config: GPTConfig) -> RecomputeConfig | None:
+        """The ``MegatronStrategy(recompute=...)`` this layout's estimate assumes."""
+        if self.recompute == "full":
+            return RecomputeConfig("full", "uniform", 1)
+        if self.recompute == "selective":
+            return RecomputeConfig("selective", modules=["moe" if config.is_moe else "mlp"])
+        return None
+
     def label(self) -> str:
         return f"tp{self.tp} pp{self.pp} cp{self.cp} ep{self.ep} mbs{self.micro_batch_size} {self.recompute}"
 
@@ -73,8 +81,11 @@ class StageMemory:
     weights: int
     grads: int
     optimizer: int
-    activations: int
+    activations: int  # kept for backward, plus ``transient``
     microbatches_in_flight: int
+    # Short-lived peaks inside ``activations``: one layer's recompute during backward, the
+    # 16-bit logits while the loss casts them to fp32.
+    transient: int = 0
 
     @property
     def total(self) -> int:
@@ -86,6 +97,7 @@ class StageMemory:
             "stage": self.stage,
             "params": self.params,
             "microbatches_in_flight": self.microbatches_in_flight,
+            "transient_bytes": self.transient,
             **{f"{k}_gib": round(getattr(self, k) / GIB, 3) for k in parts},
             **{f"{k}_bytes": getattr(self, k) for k in parts},
         }
@@ -161,57 +173,69 @@ def stage_params(config: GPTConfig, tp: int, pp: int, stage: int, ep: int = 1) -
 
 
 # ----------------------------------------------------------------------------- activations
+# torch.nn.RMSNorm (the local spec's norm) runs its composite form: it keeps its input upcast to
+# fp32 and the fp32 normalized tensor for backward, 8 bytes per element whatever the dtype.
+NORM_SAVED_BYTES = 8
+
+
 def layer_activation_bytes(
     config: GPTConfig, layout: Layout, seq_length: int, element_bytes: int, recompute: Recompute | None = None
 ) -> int:
     """Bytes one transformer layer keeps for backward, for one microbatch, on one rank.
 
-    Local spec (torch SDPA: flash / memory-efficient kernels, no ``s x s`` score matrix), SwiGLU,
-    RMSNorm, no dropout. In units of ``element_bytes * tokens`` where ``tokens = mbs * s / cp``:
-    norm inputs and linear inputs in the sequence-parallel region ``4h`` (divided by tp with sp);
-    attention: the fused QKV output (``q + 2kv``; V is a view of it), the rotated Q and K
-    (``q + kv``), SDPA's output and the projection's input (``2q``); MLP: the gate/up output
-    (``2f``), SiLU's output (``f``) and the down projection's input (``f``); all divided by tp.
+    Local spec: torch ``RMSNorm``, torch SDPA (flash / memory-efficient kernels, no ``s x s``
+    score matrix), SwiGLU, no dropout. Per token, ``e = element_bytes``, ``/sp`` = divided by tp
+    under sequence parallelism:
+
+    - two norms: ``2 * 8 * h /sp`` (fp32 input and normalized copies), and the QKV and gate/up
+      linears' inputs (the norms' outputs) ``2 * e * h /sp``;
+    - attention ``e * (q + 2kv + q + kv + q) / tp``: the fused QKV output (V is a view of it),
+      the rotated Q and K, SDPA's output (the projection's input is a view of it); SDPA's fp32
+      log-sum-exp ``4 * heads / tp``; with qk_layernorm, ``8 * (q + kv) / tp`` for those norms;
+    - MLP ``e * 5f / tp``: the gate/up output (2f), SiLU's output, the ``up + offset`` term
+      Megatron's GLU multiplies by, and the down projection's input (f each).
+
+    ``recompute="selective"`` recomputes the MLP (``RecomputeConfig("selective",
+    modules=["mlp"])``, ``["moe"]`` for MoE): its terms go; ``"full"`` keeps only the layer input.
     """
     recompute = recompute or layout.recompute
-    tp, h, d = layout.tp, config.hidden_size, config.head_dim
+    tp, h, d, e = layout.tp, config.hidden_size, config.head_dim, element_bytes
     q, kv = config.num_attention_heads * d, config.num_query_groups * d
     tokens = layout.micro_batch_size * seq_length // layout.cp
-    sp_region = h // tp if layout.sp else h  # what a norm or a column-parallel linear saves
+    h_sp = h // tp if layout.sp else h  # what a norm or a column-parallel linear keeps
     if recompute == "full":
-        return element_bytes * tokens * sp_region  # only the layer's input is kept
-    attention = (q + 2 * kv) + (q + kv) + 2 * q
+        return e * tokens * h_sp
+    per_token = 2 * NORM_SAVED_BYTES * h_sp + 2 * e * h_sp
+    per_token += e * (3 * q + 3 * kv) // tp + 4 * config.num_attention_heads // tp
     if config.qk_layernorm:
-        attention += q + kv
-    if recompute == "selective":
-        attention -= q  # SDPA's own output is recomputed; its inputs stay saved
-    units = 4 * sp_region + attention // tp
-    if config.is_moe:
-        units += _moe_activation_units(config, layout, element_bytes)
-    else:
-        units += 4 * config.ffn_hidden_size // tp
-    return element_bytes * tokens * units
+        per_token += NORM_SAVED_BYTES * (q + kv) // tp
+    if recompute != "selective":
+        per_token += _moe_bytes(config, layout, e) if config.is_moe else e * 5 * config.ffn_hidden_size // tp
+    return tokens * per_token
 
 
-def _moe_activation_units(config: GPTConfig, layout: Layout, element_bytes: int) -> int:
+def _moe_bytes(config: GPTConfig, layout: Layout, e: int) -> int:
     # Approximate (balanced routing): each rank's experts see about topk x the tokens of its
-    # sequence slice after the all-to-all / all-gather: a permuted copy of the input (h) and the
-    # SwiGLU intermediates (4f, split over the expert-tensor-parallel ranks = tp); plus the
-    # shared expert (4f / tp) and the fp32 router logits of this rank's tokens.
+    # sequence slice after the dispatch: a permuted copy of the input (h) and the SwiGLU
+    # intermediates (5f, split over the expert-tensor-parallel ranks = tp); the shared expert
+    # (5f / tp) and the fp32 router logits of this rank's tokens.
     ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
-    tp = layout.tp
-    routed = config.moe_router_topk * (2 * config.hidden_size + 4 * ffn // tp)
-    shared = 4 * (config.moe_shared_expert_intermediate_size or 0) // tp
-    router = config.num_experts * 4 // element_bytes // (tp if layout.sp else 1)
+    tp, h = layout.tp, config.hidden_size
+    routed = config.moe_router_topk * e * (2 * h + 5 * ffn // tp)
+    shared = e * 5 * (config.moe_shared_expert_intermediate_size or 0) // tp
+    router = 4 * config.num_experts // (tp if layout.sp else 1)
     return routed + shared + router
 
 
-def logits_bytes(config: GPTConfig, layout: Layout, seq_length: int, element_bytes: int) -> int:
-    """The last stage's loss: the fp32 softmax Megatron's vocab-parallel cross entropy keeps, plus
-    the 16-bit logits alive while they are cast to fp32."""
+def logits_bytes(config: GPTConfig, layout: Layout, seq_length: int, element_bytes: int) -> tuple[int, int]:
+    """The last stage's head: ``(kept, transient)`` bytes. Kept for backward: the final norm
+    (``8h``), the output layer's input (``e*h``) and the fp32 softmax of Megatron's
+    vocab-parallel cross entropy; transient: the 16-bit logits, alive while cast to fp32."""
     tokens = layout.micro_batch_size * seq_length // layout.cp
+    h_sp = config.hidden_size // layout.tp if layout.sp else config.hidden_size
     vocab = config.padded_vocab_size(layout.tp) // layout.tp
-    return tokens * vocab * (4 + (element_bytes if element_bytes != 4 else 0))
+    kept = tokens * ((NORM_SAVED_BYTES + element_bytes) * h_sp + 4 * vocab)
+    return kept, tokens * vocab * element_bytes if element_bytes != 4 else 0
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -246,11 +270,13 @@ def stage_memory(
     per_layer = layer_activation_bytes(config, layout, seq_length, element_bytes)
     layers = config.num_layers // pp
     activations = in_flight * layers * per_layer
-    if layout.recompute == "full":
-        # Backward recomputes one layer at a time: its full activations exist for that layer.
-        activations += layer_activation_bytes(config, layout, seq_length, element_bytes, recompute="none")
+    # Backward recomputes one layer (or one MLP) at a time: what it saves exists for that layer.
+    transient = layer_activation_bytes(config, layout, seq_length, element_bytes, recompute="none") - per_layer
     if stage == pp - 1:
-        activations += logits_bytes(config, layout, seq_length, element_bytes)
+        kept, cast = logits_bytes(config, layout, seq_length, element_bytes)
+        activations += kept
+        transient += cast
+    activations += transient
     return StageMemory(
         stage=stage,
         params=params,
@@ -259,6 +285,7 @@ def stage_memory(
         optimizer=optimizer,
         activations=activations,
         microbatches_in_flight=in_flight,
+        transient=transient,
     )
 
 

@@ -41,16 +41,18 @@ def test_parameter_counts_by_hand():
 
 
 def test_activation_bytes_by_hand():
-    # bf16 (2 bytes), s=32, mbs=1: 4h norm/linear inputs + attention (q+2kv)+(q+kv)+2q + SwiGLU 4f
-    per_token = 4 * 64 + (128 + 96 + 128) + 4 * 128
-    assert layer_activation_bytes(TINY, Layout(), 32, 2) == 2 * 32 * per_token == 71680
+    # bf16 (e=2), s=32, mbs=1, per token: norms 2*8*h, their outputs (linear inputs) 2*e*h,
+    # attention e*(3q + 3kv) + fp32 log-sum-exp 4*heads, SwiGLU MLP e*5f
+    per_token = 2 * 8 * 64 + 2 * 2 * 64 + 2 * (3 * 64 + 3 * 32) + 4 * 4 + 2 * 5 * 128
+    assert per_token == 3152
+    assert layer_activation_bytes(TINY, Layout(), 32, 2) == 32 * per_token
     # tp=2 turns on sequence parallelism: everything halves.
-    assert layer_activation_bytes(TINY, Layout(tp=2), 32, 2) == 71680 // 2
-    assert layer_activation_bytes(TINY, Layout(micro_batch_size=2), 32, 2) == 2 * 71680
-    assert layer_activation_bytes(TINY, Layout(recompute="selective"), 32, 2) == 71680 - 2 * 32 * 64
-    assert layer_activation_bytes(TINY, Layout(recompute="full"), 32, 2) == 2 * 32 * 64  # the layer input
-    # fp32 softmax of the cross entropy + the bf16 logits being cast
-    assert logits_bytes(TINY, Layout(), 32, 2) == 32 * 256 * (4 + 2)
+    assert layer_activation_bytes(TINY, Layout(tp=2), 32, 2) == 32 * per_token // 2
+    assert layer_activation_bytes(TINY, Layout(micro_batch_size=2), 32, 2) == 2 * 32 * per_token
+    assert layer_activation_bytes(TINY, Layout(recompute="selective"), 32, 2) == 32 * (per_token - 2 * 5 * 128)
+    assert layer_activation_bytes(TINY, Layout(recompute="full"), 32, 2) == 32 * 2 * 64  # the layer input
+    # final norm (8h) and output-layer input (e*h), fp32 softmax; the bf16 logits are transient
+    assert logits_bytes(TINY, Layout(), 32, 2) == (32 * (10 * 64 + 4 * 256), 32 * 256 * 2)
 
 
 def test_pipeline_stage_memory_by_hand():
@@ -60,9 +62,17 @@ def test_pipeline_stage_memory_by_hand():
     assert (first.microbatches_in_flight, last.microbatches_in_flight) == (2, 1)
     params0 = 2 * 36992 + 256 * 64
     assert (first.weights, first.grads, first.optimizer) == (2 * params0, 4 * params0, 12 * params0)
-    assert first.activations == 2 * 2 * 71680
-    assert last.activations == 1 * 2 * 71680 + 32 * 256 * 6
+    layer = 32 * 3152
+    assert (first.activations, first.transient) == (2 * 2 * layer, 0)
+    assert (last.activations, last.transient) == (2 * layer + 32 * 1664 + 32 * 512, 32 * 512)
     assert candidate.memory is first and candidate.valid
+
+
+def test_recompute_adds_one_layer_back_while_backward_runs():
+    full = estimate(TINY, Layout(recompute="full"), 1, 32, 1).memory
+    layer = 32 * 3152
+    assert full.transient == layer - 32 * 2 * 64 + 32 * 512  # one layer recomputed + the logits cast
+    assert full.activations == 4 * 32 * 2 * 64 + 32 * 1664 + full.transient
 
 
 def test_distributed_optimizer_shards_over_data_parallel():

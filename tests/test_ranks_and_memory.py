@@ -13,7 +13,20 @@ from lightning_megatron.plan import Layout, estimate
 from tests.conftest import SCRIPTS, run_job
 
 pytestmark = pytest.mark.multiprocess
-LAYOUTS = {"tp2": Layout(tp=2), "pp2": Layout(pp=2), "dp2": Layout()}
+# The script runs one microbatch per step (the DP-local batch): tp2 (with sp) and pp2 have dp=1.
+LAYOUTS = {
+    "tp2": Layout(tp=2, micro_batch_size=4),
+    "pp2": Layout(pp=2, micro_batch_size=4),
+    "dp2": Layout(micro_batch_size=2),
+}
+CONFIG = GPTConfig(
+    vocab_size=ByteTokenizer.vocab_size,
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +74,9 @@ def test_rank_helpers_need_the_parallel_state():
 def test_plan_matches_the_tensors_of_a_built_model(measured, layout):
     """bf16-mixed: 2-byte weights exactly; fp32 gradient buffers up to Megatron's bucket padding;
     12 bytes of optimizer state per parameter summed over the data-parallel ranks exactly (each
-    rank's shard within 2% of an even split)."""
-    config = GPTConfig(
-        vocab_size=ByteTokenizer.vocab_size,
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-    )
-    candidate = estimate(config, LAYOUTS[layout], world_size=2, seq_length=32, global_batch_size=4)
+    rank's shard within 2% of an even split); the tensors autograd keeps for backward within 5%
+    of the activation estimate (rotary tables, norm statistics and labels are not modelled)."""
+    candidate = estimate(CONFIG, LAYOUTS[layout], world_size=2, seq_length=32, global_batch_size=4)
     for r in (0, 1):
         got = measured[layout, r]
         stage = candidate.stages[got["ranks"]["pp"]]
@@ -78,5 +84,36 @@ def test_plan_matches_the_tensors_of_a_built_model(measured, layout):
         assert got["weights"] == stage.weights
         assert stage.grads <= got["grads"] <= stage.grads * 1.02
         assert got["optimizer"] == pytest.approx(stage.optimizer, rel=0.02)
+        assert got["activations"] == pytest.approx(stage.activations - stage.transient, rel=0.05)
     if candidate.dp == 2:
         assert measured[layout, 0]["optimizer"] + measured[layout, 1]["optimizer"] == 12 * stage.params
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_activation_estimate_under_recompute(recompute):
+    """One process, the strategy configured with the layout's own recompute_config()."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_megatron import GPTModule, MegatronStrategy
+    from lightning_megatron.data.text import TokenBlocks, bundled_corpus
+    from tests.scripts.ranks_and_memory import SavedActivations
+
+    layout = Layout(micro_batch_size=4, recompute=recompute)
+    saved = SavedActivations()
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(micro_batch_size=4, recompute=layout.recompute_config(CONFIG)),
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[saved],
+    )
+    data = TokenBlocks.from_text(bundled_corpus()[:10000], ByteTokenizer(), 64)
+    trainer.fit(GPTModule(CONFIG), DataLoader(data, batch_size=4))
+    memory = estimate(CONFIG, layout, world_size=1, seq_length=64, global_batch_size=4).memory
+    assert saved.bytes == pytest.approx(memory.activations - memory.transient, rel=0.05)

@@ -14,6 +14,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -24,7 +25,7 @@ from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_cor
 
 SEQ, GLOBAL_BATCH = 32, 4
 CONFIG = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128)
-LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2), "dp2": dict()}
+LAYOUTS = {"tp2": dict(tp=2, sp=True), "pp2": dict(pp=2), "dp2": dict()}
 
 
 class Collect(logging.Handler):
@@ -36,9 +37,33 @@ class Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+class SavedActivations(L.Callback):
+    """Bytes of the tensors autograd saves for backward in the forward passes of a training step
+    (each storage once; parameters excluded). With one microbatch per step that is what the
+    step keeps for backward."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
+        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self.storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            # Forward only: what recompute saves during backward is transient.
+            if storage.data_ptr() not in params and torch._C._current_graph_task_id() == -1:
+                self.storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self._hooks.__exit__(None, None, None)
+        self.bytes = sum(self.storages.values())
+
+
 class Measure(L.Callback):
-    def __init__(self, out: Path, layout: str) -> None:
-        self.out, self.layout = out, layout
+    def __init__(self, out: Path, layout: str, activations: SavedActivations) -> None:
+        self.out, self.layout, self.activations = out, layout, activations
 
     def on_train_end(self, trainer: L.Trainer, module: GPTModule) -> None:
         handler = Collect()
@@ -71,6 +96,7 @@ class Measure(L.Callback):
             "weights": sum(p.numel() * p.element_size() for p in params.values()),
             "grads": grads,
             "optimizer": optimizer_bytes,
+            "activations": self.activations.bytes,
         }
         (self.out / f"{self.layout}-rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
@@ -88,8 +114,11 @@ def main() -> None:
     data = TokenBlocks.from_text(bundled_corpus()[:20000], tokenizer, SEQ)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, **CONFIG)
     for layout in args.layouts:
-        strategy = MegatronStrategy(**LAYOUTS[layout])
-        dp = 2 // (strategy.parallel.tp * strategy.parallel.pp)
+        tp, pp = LAYOUTS[layout].get("tp", 1), LAYOUTS[layout].get("pp", 1)
+        dp = 2 // (tp * pp)
+        # One microbatch per step: the saved activations of the step are those of one microbatch.
+        strategy = MegatronStrategy(**LAYOUTS[layout], micro_batch_size=GLOBAL_BATCH // dp)
+        activations = SavedActivations()
         trainer = L.Trainer(
             strategy=strategy,
             accelerator="cpu",
@@ -100,7 +129,7 @@ def main() -> None:
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[Measure(args.out, layout)],
+            callbacks=[activations, Measure(args.out, layout, activations)],
         )
         trainer.fit(GPTModule(config), DataLoader(data, batch_size=GLOBAL_BATCH // dp))
 
