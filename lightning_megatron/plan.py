@@ -86,10 +86,12 @@ class StageMemory:
     # Short-lived peaks inside ``activations``: one layer's recompute during backward, the
     # 16-bit logits while the loss casts them to fp32.
     transient: int = 0
+    optimizer_step: int = 0  # temporaries of the optimizer step (after the activations are freed)
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
+        # Activations are freed before the optimizer step: the peak is the larger of the two phases.
+        return self.weights + self.grads + self.optimizer + max(self.activations, self.optimizer_step)
 
     def to_dict(self) -> dict[str, Any]:
         parts = ("weights", "grads", "optimizer", "activations", "total")
@@ -98,6 +100,7 @@ class StageMemory:
             "params": self.params,
             "microbatches_in_flight": self.microbatches_in_flight,
             "transient_bytes": self.transient,
+            "optimizer_step_bytes": self.optimizer_step,
             **{f"{k}_gib": round(getattr(self, k) / GIB, 3) for k in parts},
             **{f"{k}_bytes": getattr(self, k) for k in parts},
         }
@@ -261,9 +264,10 @@ def stage_memory(
     if distributed_optimizer:
         # Dense state is sharded over data x context parallel, expert state over expert data parallel.
         expert_dp = world_size // (layout.ep * tp * pp)
-        optimizer = optim_b * (math.ceil(dense / (dp * layout.cp)) + math.ceil(expert / expert_dp))
+        shard = math.ceil(dense / (dp * layout.cp)) + math.ceil(expert / expert_dp)
     else:
-        optimizer = optim_b * params
+        shard = params
+    optimizer = optim_b * shard
     microbatches = global_batch_size // (dp * layout.micro_batch_size)
     # 1F1B: stage i runs up to pp - i forwards before its first backward.
     in_flight = min(pp - stage, microbatches)
@@ -283,6 +287,8 @@ def stage_memory(
         weights=weight_b * params,
         grads=grad_b * params,
         optimizer=optimizer,
+        # torch's foreach AdamW allocates sqrt(exp_avg_sq) for the whole shard, in fp32.
+        optimizer_step=4 * shard,
         activations=activations,
         microbatches_in_flight=in_flight,
         transient=transient,

@@ -65,6 +65,9 @@ def test_pipeline_stage_memory_by_hand():
     layer = 32 * 3152
     assert (first.activations, first.transient) == (2 * 2 * layer, 0)
     assert (last.activations, last.transient) == (2 * layer + 32 * 1664 + 32 * 512, 32 * 512)
+    # The optimizer step's fp32 temporary (after the activations are freed) vs the activations.
+    assert first.optimizer_step == 4 * params0
+    assert first.total == 18 * params0 + max(first.activations, first.optimizer_step)
     assert candidate.memory is first and candidate.valid
 
 
