@@ -1,4 +1,11 @@
-"""ParallelConfig: how a model is split over processes, and the checks that say when it cannot be."""
+"""ParallelConfig: how a model is split over processes, and the checks that say when it cannot be;
+rank shortcuts and a rank-aware logger for code that runs inside a MegatronStrategy fit.
+
+    from lightning_megatron import parallel
+
+    if parallel.tp_rank() == 0 and parallel.pp_rank() == parallel.pp_size() - 1: ...
+    parallel.rank_logger(__name__).info_rank_0("loaded")  # once; info_all_ranks: every rank
+"""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT, job_env
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.examples]
 EXAMPLES = ROOT / "examples"
 SMALL_PRETRAIN = ["--max-steps", "2", "--seq-length", "32", "--sample-tokens", "4"]
 

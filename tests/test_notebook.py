@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, job_env
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.examples]
 
 PROBE = """
 import json
