@@ -7,6 +7,7 @@
     lightning-megatron export --to-hf --adapters LORA_CKPT [--load BASE] --output DIR [--merge-lora]
     lightning-megatron check --model HF_DIR --load CKPT_DIR
     lightning-megatron preprocess --input data.jsonl --output-prefix out/data --tokenizer TOKENIZER_DIR
+    lightning-megatron plan --model qwen2 --gpus 8 --gpu-memory 80 --seq-length 4096 --global-batch-size 64
 
 The flags follow Megatron-SWIFT's ``swift export``. ``--test-convert-precision`` (and ``check``)
 run the Hugging Face model and the Megatron checkpoint on the same prompt and fail when their
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_megatron import plan
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Megatron meets Lightning."
 
@@ -180,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--model", required=True)
     verify.add_argument("--load", required=True)
     verify.add_argument("--tolerance", type=float, default=1e-3)
+    planner = commands.add_parser("plan", help="parallel layouts that fit a model on N GPUs, with memory estimates")
+    plan.add_arguments(planner)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")
+
+    if args.command == "plan":
+        return plan.run(args)
 
     if args.command == "check":
         return 0 if check(args.model, args.load, args.tolerance) else 1

@@ -221,6 +221,14 @@ class MegatronStrategy(DDPStrategy):
             values.update(batch_p2p_comm=False)
         return values
 
+    def _configure_launcher(self) -> None:
+        # One process needs no launcher; without one a single-device fit also runs in a notebook
+        # (Lightning refuses the script-relaunching launcher in interactive sessions).
+        if self.num_processes == 1 and self.num_nodes == 1:
+            self._launcher = None
+            return
+        super()._configure_launcher()
+
     # ------------------------------------------------------------------------ setup recipe
     def setup_environment(self) -> None:
         self._use_megatron_precision()
