@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--name", default="Nova")
     parser.add_argument("--old-name", default="Lumen")
     parser.add_argument("--author", default="the lightning_megatron team")
-    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--devices", type=int, default=1, help="TP size (GPUs, or CPU processes)")
     parser.add_argument("--out", type=Path, default=Path("lora_dpo_output"))
     args = parser.parse_args()
