@@ -75,9 +75,10 @@ class MegatronStrategy(DDPStrategy):
         use_te: use Transformer Engine layers; default: when importable and on GPU.
         fused_kernels: the fast path without TE or apex (see ``lightning_megatron.models.kernels``):
             a cross entropy that keeps the logits in bf16 and MoE experts as grouped GEMMs on any
-            device; on GPU also compiled RoPE and SwiGLU and weight gradients accumulated into the
-            fp32 main grads by the GEMM. ``False`` runs Megatron's plain eager ops (debugging,
-            comparison); ``GPTConfig(extra={...})`` overrides single ``TransformerConfig`` flags.
+            device; on GPU also compiled RoPE and SwiGLU, weight gradients accumulated into the
+            fp32 main grads by the GEMM and, with ``ep=1``, the all-gather MoE token dispatcher.
+            ``False`` runs Megatron's plain eager ops (debugging, comparison);
+            ``GPTConfig(extra={...})`` overrides single ``TransformerConfig`` fields.
         seed: model-parallel RNG seed (dropout); default: ``seed_everything``'s seed or 1234.
         ddp_config: extra ``DistributedDataParallelConfig`` fields.
         checkpoint_io: a :class:`~lightning_megatron.MegatronCheckpointIO` with save/load options
@@ -225,7 +226,9 @@ class MegatronStrategy(DDPStrategy):
 
     def kernel_config_kwargs(self) -> dict[str, Any]:
         """Fused-kernel ``TransformerConfig`` fields for this device and precision (the fast path)."""
-        return kernel_config_kwargs(self.root_device, self.precision.params_dtype, self.fused_kernels)
+        return kernel_config_kwargs(
+            self.root_device, self.precision.params_dtype, self.fused_kernels, expert_parallel=self.parallel.ep
+        )
 
     # ------------------------------------------------------------------------ setup recipe
     def setup_environment(self) -> None:

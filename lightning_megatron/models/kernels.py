@@ -24,11 +24,20 @@ import torch
 from torch import Tensor
 
 
-def kernel_config_kwargs(device: torch.device, params_dtype: torch.dtype, fused: bool = True) -> dict[str, Any]:
-    """``TransformerConfig`` fields that turn on the fused kernels (CUDA only; ``fused=False``: none)."""
+def kernel_config_kwargs(
+    device: torch.device, params_dtype: torch.dtype, fused: bool = True, expert_parallel: int = 1
+) -> dict[str, Any]:
+    """``TransformerConfig`` fields of the fast path (CUDA only; ``fused=False``: none).
+
+    Besides the fused kernels: without expert parallelism, MoE tokens go through Megatron's
+    all-gather dispatcher (the same result as all-to-all, with fewer kernels and host syncs:
+    +12% tokens/s on the benchmark's MoE shape).
+    """
     if not fused or device.type != "cuda":
         return {}
     values: dict[str, Any] = {"bias_activation_fusion": True, "apply_rope_fusion": _rope_slot_filled()}
+    if expert_parallel == 1:
+        values["moe_token_dispatcher_type"] = "allgather"
     if params_dtype != torch.float32:
         # main_grad is fp32 whenever params are 16-bit (grads reduced in fp32, or bf16 for
         # bf16-true, which the accumulation below also handles).
