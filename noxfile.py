@@ -1,4 +1,5 @@
-"""`nox -s demo` runs the demo, `nox -s tests` the test suite, on a fresh machine.
+"""`nox -s demo` runs the demo, `nox -s tests` the test suite, `nox -s bench` the GPU training
+benchmark (docs/benchmarks.md), on a fresh machine.
 
 On machines without CUDA the CPU build of torch (2.13.0) is installed first, so nothing else
 resolves a multi-GB CUDA build.
@@ -31,6 +32,14 @@ def demo(session: nox.Session) -> None:
     """SFT with TP=2 on self-cognition + arithmetic data, export to HF, ask transformers "who are you?"."""
     _install(session, "test")
     session.run("python", "examples/sft_demo.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Training throughput on one GPU: Hugging Face vs lightning_megatron (Trainer) vs a bare
+    Megatron loop, dense and MoE; arguments go to benchmarks/train_throughput.py (e.g. --shapes dense)."""
+    _install(session, "test")
+    session.run("python", "benchmarks/train_throughput.py", *session.posargs)
 
 
 @nox.session

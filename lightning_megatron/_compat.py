@@ -11,6 +11,12 @@ def patch_megatron_core() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
+    # Without TE/apex, Megatron's fused RoPE and weight-gradient-accumulation slots are empty;
+    # fill them with torch implementations (used only where a config turns those flags on).
+    from lightning_megatron.models import kernels
+
+    kernels.install()
+
     # megatron-core 0.16.x with torch's Adam (no Apex/TE fused Adam): torch keeps a per-parameter
     # "step" in the optimizer state, but the fully_reshardable checkpoint format stores the step
     # once (in the param groups) and its loader then looks the per-parameter "step" up among the

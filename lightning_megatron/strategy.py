@@ -49,6 +49,7 @@ from lightning_megatron.checkpoint import FORMAT, CheckpointError, MegatronCheck
 from lightning_megatron.cpu import cpu_mode
 from lightning_megatron.lora import is_adapter_key
 from lightning_megatron.models.config import RecomputeConfig
+from lightning_megatron.models.kernels import kernel_config_kwargs, limit_wgrad_fusion
 from lightning_megatron.models.specs import te_available
 from lightning_megatron.optim import (
     MegatronOptimizer,
@@ -74,6 +75,12 @@ class MegatronStrategy(DDPStrategy):
         recompute: activation recompute, e.g. ``RecomputeConfig("full", "uniform", 1)``.
         fp8: ``"hybrid"`` or ``"e4m3"`` FP8 training; needs Transformer Engine.
         use_te: use Transformer Engine layers; default: when importable and on GPU.
+        fused_kernels: the fast path without TE or apex (see ``lightning_megatron.models.kernels``):
+            a cross entropy that keeps the logits in bf16 and MoE experts as grouped GEMMs on any
+            device; on GPU also compiled RoPE and SwiGLU, weight gradients accumulated into the
+            fp32 main grads by the GEMM and, with ``ep=1``, the all-gather MoE token dispatcher.
+            ``False`` runs Megatron's plain eager ops (debugging, comparison);
+            ``GPTConfig(extra={...})`` overrides single ``TransformerConfig`` fields.
         seed: model-parallel RNG seed (dropout); default: ``seed_everything``'s seed or 1234.
         ddp_config: extra ``DistributedDataParallelConfig`` fields.
         checkpoint_io: a :class:`~lightning_megatron.MegatronCheckpointIO` with save/load options
@@ -104,6 +111,7 @@ class MegatronStrategy(DDPStrategy):
         recompute: RecomputeConfig | None = None,
         fp8: Literal["hybrid", "e4m3"] | None = None,
         use_te: bool | None = None,
+        fused_kernels: bool = True,
         seed: int | None = None,
         ddp_config: dict[str, Any] | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -121,6 +129,7 @@ class MegatronStrategy(DDPStrategy):
         self.recompute = recompute or RecomputeConfig()
         self.fp8 = fp8
         self._use_te = use_te
+        self.fused_kernels = fused_kernels
         self.seed = seed
         self.ddp_config_overrides = dict(ddp_config or {})
         self._cpu_mode: contextlib.AbstractContextManager | None = None
@@ -229,6 +238,12 @@ class MegatronStrategy(DDPStrategy):
             return
         super()._configure_launcher()
 
+    def kernel_config_kwargs(self) -> dict[str, Any]:
+        """Fused-kernel ``TransformerConfig`` fields for this device and precision (the fast path)."""
+        return kernel_config_kwargs(
+            self.root_device, self.precision.params_dtype, self.fused_kernels, expert_parallel=self.parallel.ep
+        )
+
     # ------------------------------------------------------------------------ setup recipe
     def setup_environment(self) -> None:
         self._use_megatron_precision()
@@ -281,6 +296,8 @@ class MegatronStrategy(DDPStrategy):
             hook = getattr(callback, "configure_megatron_model", None)
             if callable(hook):
                 hook(trainer, module, self._bare_chunks)
+        if trainer.state.fn == TrainerFn.FITTING:
+            limit_wgrad_fusion(self._bare_chunks)  # after freezing: frozen weights have no main_grad
         self.model_to_device()
         chunks = self._wrap_precision(self.chunks)
         if trainer.state.fn == TrainerFn.FITTING:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_megatron.models.config import GPTConfig
 from lightning_megatron.models.init import init_weights
+from lightning_megatron.models.kernels import vocab_parallel_cross_entropy
 from lightning_megatron.models.specs import block_spec
 from lightning_megatron.optim import warmup_decay_lr
 
@@ -103,16 +104,19 @@ class GPTModule(L.LightningModule):
     def build_chunks(self, strategy: Any, initialize: bool = True) -> list[torch.nn.Module]:
         """New model chunks for the strategy's layout: initialized from ``seed`` and, with
         ``hf_source``, loaded from it (``initialize=False`` leaves them uninitialized)."""
-        tconfig = self.config.to_transformer_config(**strategy.transformer_config_kwargs())
+        # Fused-kernel defaults of the strategy's fast path; the model's ``extra`` fields win.
+        kernels = {k: v for k, v in strategy.kernel_config_kwargs().items() if k not in self.config.extra}
+        tconfig = self.config.to_transformer_config(**kernels, **strategy.transformer_config_kwargs())
         tp = ps.get_tensor_model_parallel_world_size()
         vpp = strategy.parallel.vpp or 1
         chunks = []
         for stage in range(vpp):
             vp_stage = stage if vpp > 1 else None
             chunks.append(
-                GPTModel(
+                _GPTModel(
+                    fused_loss=strategy.fused_kernels,
                     config=tconfig,
-                    transformer_layer_spec=block_spec(tconfig, strategy.use_te, vp_stage),
+                    transformer_layer_spec=block_spec(tconfig, strategy.use_te, vp_stage, strategy.fused_kernels),
                     vocab_size=self.config.padded_vocab_size(tp),
                     max_sequence_length=self.config.max_position_embeddings,
                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -283,6 +287,22 @@ class GPTModule(L.LightningModule):
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         logits = chunk(input_ids, position_ids, None)
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+
+
+class _GPTModel(GPTModel):
+    """Megatron-Core's ``GPTModel``; with ``fused_loss`` its loss is our
+    :func:`~lightning_megatron.models.kernels.vocab_parallel_cross_entropy` (bf16 logits stay bf16)."""
+
+    def __init__(self, *args: Any, fused_loss: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fused_loss = fused_loss
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        if not self.fused_loss:
+            return super().compute_language_model_loss(labels, logits)
+        # labels [b, s], logits [s, b, vocab/tp] -> per-token loss [b, s]
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
+        return loss.transpose(0, 1).contiguous()
 
 
 def prepare_inputs(batch: dict[str, Tensor], thd: bool = False) -> dict[str, Any]:

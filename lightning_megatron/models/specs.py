@@ -13,18 +13,21 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from lightning_megatron.models.layers import Norm, SDPAttention
+from lightning_megatron.models.layers import GroupedExperts, Norm, SDPAttention
 
 
 def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def block_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None = None) -> ModuleSpec:
+def block_spec(
+    config: TransformerConfig, use_te: bool, vp_stage: int | None = None, grouped_experts: bool = True
+) -> ModuleSpec:
     """The decoder block for this pipeline stage.
 
-    The local spec uses :class:`SDPAttention` and :class:`Norm` (instead of mcore's baddbmm
-    attention and its torch-norm wrapper); with ``use_te`` it is Megatron's TE spec unchanged.
+    The local spec uses :class:`SDPAttention`, :class:`Norm` and (``grouped_experts``)
+    :class:`GroupedExperts` instead of mcore's baddbmm attention, its torch-norm wrapper and its
+    loop over experts; with ``use_te`` it is Megatron's TE spec unchanged.
     """
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
@@ -45,6 +48,9 @@ def block_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None = N
     if config.qk_layernorm:
         attention.q_layernorm = Norm
         attention.k_layernorm = Norm
+    if config.num_moe_experts:
+        experts = layer.submodules.mlp.submodules.experts
+        experts.module, experts.params = GroupedExperts, {"grouped": grouped_experts}
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,

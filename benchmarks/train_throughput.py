@@ -1,0 +1,566 @@
+"""Training speed on one GPU, side by side in one process: Hugging Face vs lightning_megatron.
+
+    python benchmarks/train_throughput.py --out /tmp/bench            # dense + MoE, H100-sized
+    python benchmarks/train_throughput.py --tiny --device cpu        # the same code in seconds, on CPU
+
+Cases, each on the same model shape, sequence length, global batch, random tokens and AdamW:
+
+- ``hf``: plain transformers training, SDPA attention, bf16 weights, fused ``torch.optim.AdamW``,
+  gradient accumulation over the microbatches;
+- ``lightning``: ``GPTModule`` through ``L.Trainer(strategy=MegatronStrategy(tp=1))``,
+  ``precision="bf16-mixed"`` (bf16 weights, fp32 master weights and gradients, distributed optimizer);
+- ``bare``: the same Megatron model, optimizer and forward step driven by a plain loop over
+  Megatron's ``get_forward_backward_func`` (Lightning's overhead is lightning / bare).
+
+Prints per case tokens/s, model TFLOP/s (``model_flops_per_token``: 6 x matmul parameters + the
+attention term), MFU against a bf16 matmul peak measured in the same run, and peak memory; then
+the ratios. ``--variant name='{"fused_kernels": false}'`` adds bare-loop runs with other kernel
+settings (the levers); ``--profile`` writes a torch-profiler breakdown of one step per case.
+Results go to ``--out`` as JSON lines (``results.jsonl``), profiles as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Qwen2.5-1.5B: 1.54B parameters (tied embeddings).
+    "dense": dict(
+        family="qwen2",
+        vocab_size=151936,
+        num_layers=28,
+        hidden_size=1536,
+        ffn_hidden_size=8960,
+        num_attention_heads=12,
+        num_query_groups=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+    # Qwen2-MoE layout at ~1.9B total parameters (~0.6B active per token).
+    "moe": dict(
+        family="qwen2_moe",
+        vocab_size=151936,
+        num_layers=16,
+        hidden_size=1536,
+        ffn_hidden_size=2048,
+        num_attention_heads=12,
+        num_query_groups=2,
+        num_experts=32,
+        moe_ffn_hidden_size=512,
+        moe_router_topk=4,
+        moe_shared_expert_intermediate_size=2048,
+        # transformers computes no load-balancing loss unless output_router_logits=True: same work.
+        moe_aux_loss_coeff=0.0,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+    ),
+}
+TINY = dict(vocab_size=512, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2)
+TINY_LAYERS = {"dense": 2, "moe": 2}
+TINY_MOE = dict(num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, moe_shared_expert_intermediate_size=64)
+
+LR = 1e-4
+LOSSES: list = []  # training loss of every step of the case in this process (a sanity check)
+
+
+# ------------------------------------------------------------------------------ measurement
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float | None:
+    """Median bf16 matmul rate on random data (the ceiling MFU is measured against)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def summarize(name: str, step_times: list[float], tokens_per_step: int, flops_per_token: float, peak, device):
+    tokens_per_sec = tokens_per_step / statistics.mean(step_times)
+    tflops = tokens_per_sec * flops_per_token / 1e12
+    return {
+        "case": name,
+        "tokens_per_sec": tokens_per_sec,
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "peak_memory_gib": peak_memory_gib(device),
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+        "step_seconds": [round(t, 4) for t in step_times],
+    }
+
+
+# ---------------------------------------------------------------------------------- profile
+CATEGORIES = [
+    ("optimizer", r"adam|multi_tensor|foreach|_amp_"),
+    ("nccl", r"nccl"),
+    ("attention", r"flash|fmha|attention|cudnn"),
+    ("grouped gemm", r"grouped|group_gemm|GroupedGemm"),
+    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|sm90_|ampere_|Kernel2|splitK"),
+    ("compiled (triton)", r"^triton_"),
+    ("norm", r"norm"),
+    ("softmax / cross entropy", r"softmax|nll|cross_entropy|log_softmax"),
+    ("copy / cast", r"copy|cast|cat|fill|index|scatter|gather"),
+]
+
+
+def profile_step(step: Callable[[], None], device: torch.device, path: Path) -> dict[str, Any]:
+    """One step under the torch profiler; writes the top kernels and returns a breakdown (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3
+    breakdown: dict[str, float] = {}
+    for name, ms in kernels.items():
+        category = next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+        breakdown[category] = breakdown.get(category, 0.0) + ms
+    busy = sum(kernels.values())
+    result = {
+        "wall_ms": wall * 1e3,
+        "kernel_ms": busy,
+        "idle_ms": wall * 1e3 - busy,
+        "breakdown_ms": dict(sorted(breakdown.items(), key=lambda kv: -kv[1])),
+    }
+    lines = [f"wall {wall * 1e3:.1f} ms, GPU kernels {busy:.1f} ms", "", "category ms:"]
+    lines += [f"  {c:26s} {ms:9.1f}  {ms / max(busy, 1e-9):6.1%}" for c, ms in result["breakdown_ms"].items()]
+    lines += ["", "top kernels (ms, name):"]
+    lines += [f"  {ms:9.1f}  {name[:160]}" for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:40]]
+    try:
+        sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        lines += ["", prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=80)]
+    except Exception as error:  # the kernel list above is the part that matters
+        lines += ["", f"(key_averages table unavailable: {error})"]
+    path.write_text("\n".join(lines) + "\n")
+    return result
+
+
+# -------------------------------------------------------------------------------------- data
+def random_rows(vocab_size: int, rows: int, seq: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (rows, seq), generator=generator)
+
+
+# ------------------------------------------------------------------------------------ cases
+def run_hf(config, rows: torch.Tensor, args, device: torch.device, dtype: torch.dtype) -> tuple[list[float], Callable]:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_megatron.hf.convert import hf_config
+
+    hf = hf_config(config, dtype)
+    hf.use_cache = False
+    with device:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa", dtype=dtype)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, fused=device.type == "cuda")
+    batch = args.micro_batch_size * args.num_microbatches
+
+    def step(index: int) -> None:
+        ids = rows[index * batch : (index + 1) * batch].to(device, non_blocking=True)
+        total = 0.0
+        for micro in ids.split(args.micro_batch_size):
+            loss = model(input_ids=micro, labels=micro).loss / args.num_microbatches
+            loss.backward()
+            total += loss.detach()
+        LOSSES.append(total)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = timed_steps(step, args, device)
+    return times, lambda: step(0)
+
+
+def timed_steps(step: Callable[[int], None], args, device: torch.device) -> list[float]:
+    times = []
+    for index in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        step(index)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times[args.warmup :]
+
+
+class StepTimer:
+    """Lightning callback: wall time of each training step (device synchronized)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self._start = device, [], 0.0
+
+    def on_train_batch_start(self, *_: Any) -> None:
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *_: Any) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._start)
+        LOSSES.append(outputs["loss"].detach())
+
+
+def run_lightning(config, rows: torch.Tensor, args, device: torch.device, precision: str) -> list[float]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_megatron import GPTModule, MegatronStrategy
+
+    class Timer(StepTimer, L.Callback):
+        pass
+
+    timer = Timer(device)
+    steps = args.warmup + args.steps
+    data = [{"input_ids": r, "labels": r} for r in rows[: steps * args.micro_batch_size * args.num_microbatches]]
+    trainer = L.Trainer(
+        strategy=MegatronStrategy(micro_batch_size=args.micro_batch_size),
+        accelerator=device.type if device.type == "cpu" else "gpu",
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the rows in order, as the other cases read them
+        callbacks=[timer],
+    )
+    model = GPTModule(config, lr=LR, weight_decay=0.01, lr_decay="constant")
+    batch_size = args.micro_batch_size * args.num_microbatches
+    loader = DataLoader(data, batch_size=batch_size, pin_memory=device.type == "cuda")
+    trainer.fit(model, loader)
+    del trainer, model
+    return timer.times[args.warmup :]
+
+
+def run_bare(
+    config,
+    rows: torch.Tensor,
+    args,
+    device: torch.device,
+    precision: str,
+    fused_kernels: bool = True,
+    grouped_experts: bool | None = None,
+    fused_loss: bool | None = None,
+) -> tuple[list[float], Callable, Callable]:
+    """The Megatron model of the lightning case, stepped by a plain loop (no Lightning)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
+
+    from lightning_megatron.models.gpt import _GPTModel, masked_token_loss, prepare_inputs
+    from lightning_megatron.models.init import init_weights
+    from lightning_megatron.models.kernels import kernel_config_kwargs, limit_wgrad_fusion
+    from lightning_megatron.models.specs import block_spec
+    from lightning_megatron.optim import build_megatron_optimizer, optimizer_config_from
+    from lightning_megatron.precision import MegatronPrecision
+    from lightning_megatron.schedule import split_microbatches
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+        )
+    ps.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
+    plugin = MegatronPrecision(precision)
+    kernels = kernel_config_kwargs(device, plugin.params_dtype, fused_kernels)
+    kernels = {k: v for k, v in kernels.items() if k not in config.extra}
+    tconfig = config.to_transformer_config(**kernels, **plugin.transformer_config_kwargs())
+    model = _GPTModel(
+        fused_loss=fused_kernels if fused_loss is None else fused_loss,
+        config=tconfig,
+        transformer_layer_spec=block_spec(
+            tconfig, use_te=False, grouped_experts=fused_kernels if grouped_experts is None else grouped_experts
+        ),
+        vocab_size=config.padded_vocab_size(1),
+        max_sequence_length=config.max_position_embeddings,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(config.rope_theta),
+    )
+    init_weights([model], 1234, config.init_method_std, config.num_layers)
+    limit_wgrad_fusion([model])
+    chunk: torch.nn.Module = Float16Module(tconfig, model) if plugin.params_dtype != torch.float32 else model
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=plugin.grad_reduce_in_fp32, use_distributed_optimizer=True, check_for_nan_in_grad=False
+    )
+    chunk = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk)
+    torch_optimizer = torch.optim.AdamW([torch.zeros(1)], lr=LR, weight_decay=0.01, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = build_megatron_optimizer(
+        optimizer_config_from(torch_optimizer),
+        [chunk],
+        use_distributed_optimizer=True,
+        clip_grad=0.0,
+        **plugin.optimizer_kwargs(),
+    )
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    forward_backward = get_forward_backward_func()
+    batch = args.micro_batch_size * args.num_microbatches
+
+    def forward_step(data_iterator, model):
+        inputs = prepare_inputs(next(data_iterator))
+        output = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], labels=inputs["labels"])
+        return output, lambda out: masked_token_loss(inputs["loss_mask"], out)
+
+    def step(index: int) -> None:
+        ids = rows[index * batch : (index + 1) * batch].to(device, non_blocking=True)
+        chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        micro = split_microbatches({"input_ids": ids, "labels": ids}, args.micro_batch_size)
+        outputs = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=chunk,
+            num_microbatches=len(micro),
+            seq_length=ids.shape[1],
+            micro_batch_size=args.micro_batch_size,
+            forward_only=False,
+        )
+        loss_sum, tokens = torch.stack([out["loss"] for out in outputs]).sum(0)
+        LOSSES.append(loss_sum / tokens)
+        optimizer.step()
+
+    times = timed_steps(step, args, device)
+
+    def cleanup() -> None:
+        ps.destroy_model_parallel()
+
+    return times, (lambda: step(0)), cleanup
+
+
+def set_sdpa_backends(names: list[str] | None) -> None:
+    """Order of SDPA kernels for the local spec's attention, e.g. ["CUDNN_ATTENTION", "FLASH_ATTENTION"]."""
+    from torch.nn.attention import SDPBackend
+
+    from lightning_megatron.models.layers import SDPAttention
+
+    SDPAttention.cuda_backends = tuple(getattr(SDPBackend, n) for n in names) if names else None
+
+
+# ------------------------------------------------------------------------------------- main
+def shape_config(name: str, tiny: bool, seq: int):
+    from lightning_megatron import GPTConfig
+
+    values = dict(SHAPES[name])
+    if tiny:
+        values.update(TINY, num_layers=TINY_LAYERS[name])
+        if name == "moe":
+            values.update(TINY_MOE)
+    values["max_position_embeddings"] = max(values["max_position_embeddings"], seq)
+    return GPTConfig.preset(values.pop("family"), **values)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("megatron-core", "lightning", "transformers", "lightning-megatron"):
+        try:
+            out[package] = version(package)
+        except Exception:
+            out[package] = "?"
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda or "?"
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["dense", "moe"], choices=sorted(SHAPES))
+    parser.add_argument("--cases", nargs="+", default=["hf", "lightning", "bare"], choices=["hf", "lightning", "bare"])
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--num-microbatches", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="extra bare-loop runs, e.g. eager='{\"fused_kernels\": false}' or "
+        'fp32ce=\'{"extra": {"cross_entropy_loss_fusion": false}}\'',
+    )
+    parser.add_argument("--profile", action="store_true", help="profile one extra step of hf and bare")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and sequence (smoke test)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.seq = min(args.seq, 64)
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+    return args
+
+
+def jobs(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(shape, case, variant name, variant) in run order."""
+    variants = [("default", {})]
+    for spec in args.variant:
+        name, _, text = spec.partition("=")
+        variants.append((name, json.loads(text)))
+    out = []
+    for shape in args.shapes:
+        out += [(shape, case, "default", {}) for case in ("hf", "lightning") if case in args.cases]
+        out += [(shape, "bare", n, v) for n, v in variants if n != "default" or "bare" in args.cases]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every case in its own process (a fresh allocator and CUDA context each), then tabulate."""
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    info = {"versions": versions(), "matmul_peak_tflops": matmul_peak_tflops(device)}
+    (args.out / "info.json").write_text(json.dumps(info))
+    (args.out / "results.jsonl").unlink(missing_ok=True)
+    print(json.dumps(info), flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for index, (shape, case, name, _) in enumerate(jobs(args)):
+        print(f"--- {shape} {case} {name}", flush=True)
+        done = subprocess.run([sys.executable, __file__, *argv, "--job", str(index)])
+        if done.returncode:
+            print(f"{shape} {case} {name} failed with exit code {done.returncode}", flush=True)
+    rows = (
+        [json.loads(line) for line in (args.out / "results.jsonl").open()]
+        if (args.out / "results.jsonl").exists()
+        else []
+    )
+    print_table(rows, info["matmul_peak_tflops"])
+
+
+def run_job(args: argparse.Namespace) -> None:
+    from lightning_megatron.callbacks import model_flops_per_token
+    from lightning_megatron.cpu import cpu_mode
+
+    shape, case, name, variant = jobs(args)[args.job]
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = "bf16-mixed" if dtype == torch.bfloat16 else "32-true"
+    info = json.loads((args.out / "info.json").read_text())
+    peak = info["matmul_peak_tflops"]
+    base = shape_config(shape, args.tiny, args.seq)
+    tokens_per_step = args.micro_batch_size * args.num_microbatches * args.seq
+    flops = model_flops_per_token(base, args.seq)
+    steps = args.warmup + args.steps + (1 if args.profile else 0)
+    rows = random_rows(base.vocab_size, steps * args.micro_batch_size * args.num_microbatches, args.seq)
+    extra = dict(shape=shape, seq=args.seq, tokens_per_step=tokens_per_step, flops_per_token=flops)
+    profile_path = args.out / f"profile_{shape}_{case}.txt"
+    reset_memory(device)
+    if case == "hf":
+        times, one_step = run_hf(base, rows, args, device, dtype)
+        result = summarize("hf", times, tokens_per_step, flops, peak, device) | extra
+        if args.profile:
+            result["profile"] = profile_step(one_step, device, profile_path)
+    elif case == "lightning":
+        times = run_lightning(base, rows, args, device, precision)
+        result = summarize("lightning", times, tokens_per_step, flops, peak, device) | extra
+    else:
+        config = dataclasses.replace(base, extra={**base.extra, **variant.get("extra", {})})
+        set_sdpa_backends(variant.get("sdpa"))
+        # Megatron on CPU needs the library's CPU mode (the strategy enters it for the Trainer).
+        with cpu_mode() if device.type == "cpu" else contextlib.nullcontext():
+            times, one_step, cleanup = run_bare(
+                config,
+                rows,
+                args,
+                device,
+                precision,
+                fused_kernels=variant.get("fused_kernels", True),
+                grouped_experts=variant.get("grouped_experts"),
+                fused_loss=variant.get("fused_loss"),
+            )
+            label = "bare" if name == "default" else f"bare:{name}"
+            result = summarize(label, times, tokens_per_step, flops, peak, device) | extra | {"variant": variant}
+            if args.profile and name == "default":
+                result["profile"] = profile_step(one_step, device, profile_path)
+            cleanup()
+    result["losses"] = [round(float(x), 4) for x in LOSSES]
+    result.update(info)
+    with (args.out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "versions"}), flush=True)
+
+
+def print_table(rows: list[dict[str, Any]], peak: float | None) -> None:
+    print(f"\nmatmul peak (bf16, 8192^3): {peak:.0f} TFLOP/s" if peak else "\nmatmul peak: n/a (CPU)")
+    print("| shape | case | tokens/s | TFLOP/s | MFU | peak mem GiB | vs hf |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    hf = {r["shape"]: r["tokens_per_sec"] for r in rows if r["case"] == "hf"}
+    bare = {r["shape"]: r["tokens_per_sec"] for r in rows if r["case"] == "bare"}
+    for r in rows:
+        ratio = r["tokens_per_sec"] / hf[r["shape"]] if r["shape"] in hf else float("nan")
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
+        print(
+            f"| {r['shape']} | {r['case']} | {r['tokens_per_sec']:,.0f} | {r['tflops']:.1f} | {mfu} | {mem} | "
+            f"{ratio:.2f}x |"
+        )
+    for shape in bare:
+        light = next((r["tokens_per_sec"] for r in rows if r["shape"] == shape and r["case"] == "lightning"), None)
+        if light:
+            print(f"{shape}: Lightning overhead vs bare loop: {1 - light / bare[shape]:+.1%}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parsed = parse_args()
+    run_job(parsed) if parsed.job is not None else main()

@@ -1,0 +1,221 @@
+"""The fast path without Transformer Engine or apex: fused kernels from ``torch.compile`` and cuBLAS.
+
+Measured on one H100 (docs/benchmarks.md), the local layer spec spends most of its non-GEMM time
+in a handful of memory-bound places. Each has a Megatron-Core switch whose fused kernel normally
+comes from TE or apex; here they come from torch itself:
+
+- cross entropy: :func:`vocab_parallel_cross_entropy` reads the bf16 logits twice and writes their
+  gradient once (Megatron's versions make fp32 copies of the 151k-wide logits and keep one);
+- RoPE (``apply_rope_fusion``): :func:`rotary` is one compiled kernel per tensor and direction;
+- SwiGLU (``bias_activation_fusion``): Megatron's own compiled kernel, which keeps only its input;
+- weight gradients (``gradient_accumulation_fusion``): :func:`wgrad_gemm_accum_fp32` accumulates
+  the bf16 GEMM straight into the fp32 ``main_grad`` (no bf16 gradient, no separate add).
+
+``torch.compile`` is used on CUDA tensors only; on CPU the same functions run eagerly.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def kernel_config_kwargs(
+    device: torch.device, params_dtype: torch.dtype, fused: bool = True, expert_parallel: int = 1
+) -> dict[str, Any]:
+    """``TransformerConfig`` fields of the fast path (CUDA only; ``fused=False``: none).
+
+    Besides the fused kernels: without expert parallelism, MoE tokens go through Megatron's
+    all-gather dispatcher (the same result as all-to-all, with fewer kernels and host syncs:
+    +12% tokens/s on the benchmark's MoE shape).
+    """
+    if not fused or device.type != "cuda":
+        return {}
+    values: dict[str, Any] = {"bias_activation_fusion": True, "apply_rope_fusion": _rope_slot_filled()}
+    if expert_parallel == 1:
+        values["moe_token_dispatcher_type"] = "allgather"
+    if params_dtype != torch.float32:
+        # main_grad is fp32 whenever params are 16-bit (grads reduced in fp32, or bf16 for
+        # bf16-true, which the accumulation below also handles).
+        values["gradient_accumulation_fusion"] = _wgrad_slot_filled()
+    return values
+
+
+def compiled_on_cuda(fn: Callable) -> Callable:
+    """``fn`` through ``torch.compile`` when its first tensor argument is on CUDA, else eager."""
+    compiled = torch.compile(fn, dynamic=None)
+
+    @functools.wraps(fn)
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*args, **kwargs) if args[0].is_cuda else fn(*args, **kwargs)
+
+    return dispatch
+
+
+# ----------------------------------------------------------------------------- cross entropy
+@compiled_on_cuda
+def _row_max(logits: Tensor) -> Tensor:
+    return logits.float().amax(dim=-1)
+
+
+@compiled_on_cuda
+def _row_sum_exp(logits: Tensor, row_max: Tensor) -> Tensor:
+    return torch.exp(logits.float() - row_max.unsqueeze(-1)).sum(dim=-1)
+
+
+@compiled_on_cuda
+def _logsumexp(logits: Tensor) -> Tensor:
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+@compiled_on_cuda
+def _softmax_minus_onehot(logits: Tensor, lse: Tensor, target: Tensor, grad: Tensor) -> Tensor:
+    # d loss / d logits = (softmax - onehot(target)) * grad, in one pass over the logits.
+    columns = torch.arange(logits.shape[-1], device=logits.device)
+    onehot = (columns == target.unsqueeze(-1)).float()
+    return ((torch.exp(logits.float() - lse.unsqueeze(-1)) - onehot) * grad.unsqueeze(-1)).to(logits.dtype)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, tp_group) -> Tensor:
+        shape = target.shape
+        vocab = logits.shape[-1]
+        logits = logits.reshape(-1, vocab)
+        target = target.reshape(-1)
+        tp_size = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+        start = 0 if tp_size == 1 else torch.distributed.get_rank(tp_group) * vocab
+        # Ids outside this rank's slice of the vocabulary point at column -1 (out of reach).
+        local = target - start
+        mine = (local >= 0) & (local < vocab)
+        local = torch.where(mine, local, -1)
+        predicted = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1).float() * mine
+        if tp_size == 1:
+            lse = _logsumexp(logits)
+        else:
+            row_max = _row_max(logits)
+            torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+            sum_exp = _row_sum_exp(logits, row_max)
+            torch.distributed.all_reduce(sum_exp, group=tp_group)
+            torch.distributed.all_reduce(predicted, group=tp_group)
+            lse = row_max + torch.log(sum_exp)
+        ctx.save_for_backward(logits, lse, local)
+        ctx.shape = shape
+        return (lse - predicted).view(shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, lse, local = ctx.saved_tensors
+        grad_logits = _softmax_minus_onehot(logits, lse, local, grad.reshape(-1).float())
+        return grad_logits.view(*ctx.shape, -1), None, None
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, tp_group=None) -> Tensor:
+    """Per-token cross entropy of vocab-parallel logits ``[..., vocab/tp]`` against ``target [...]``.
+
+    Same result as Megatron-Core's ``vocab_parallel_cross_entropy`` (fp32 math), but the logits
+    stay in their own dtype: the forward keeps them (no fp32 copy, no saved softmax) and the
+    backward recomputes the softmax in the same pass that writes the gradient.
+    """
+    return _VocabParallelCrossEntropy.apply(logits, target, tp_group)
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+@compiled_on_cuda
+def _rotary_half(t: Tensor, freqs: Tensor) -> Tensor:
+    rot_dim = freqs.shape[-1]
+    x, rest = t[..., :rot_dim], t[..., rot_dim:]
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = x * torch.cos(freqs).to(t.dtype) + rotated * torch.sin(freqs).to(t.dtype)
+    return torch.cat((out, rest), dim=-1)
+
+
+def rotary(t: Tensor, freqs: Tensor, interleaved: bool = False) -> Tensor:
+    """Megatron's ``fused_apply_rotary_pos_emb`` contract: RoPE on ``t [s, b, heads, d]``.
+
+    The same arithmetic as Megatron's unfused ``_apply_rotary_pos_emb_bshd`` in one compiled
+    kernel (Megatron's eager version launches about eight per call).
+    """
+    if interleaved:
+        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+        return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=True)
+    return _rotary_half(t, freqs)
+
+
+# -------------------------------------------------------------------------------- weight grads
+def wgrad_gemm_accum_fp32(total_input: Tensor, grad_output: Tensor, main_grad: Tensor) -> None:
+    """``main_grad += grad_output^T @ total_input`` with fp32 accumulation, in one GEMM on CUDA
+    (cuBLAS reads and writes the fp32 ``main_grad`` as its C matrix, beta=1)."""
+    global _addmm_out_dtype
+    if _addmm_out_dtype and main_grad.is_cuda and total_input.dtype != torch.float32:
+        try:
+            torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
+            return
+        except (RuntimeError, TypeError):  # torch without the out_dtype overload for this case
+            _addmm_out_dtype = False
+    main_grad.add_(grad_output.t().matmul(total_input).to(main_grad.dtype))
+
+
+_addmm_out_dtype = True
+
+
+def wgrad_gemm_accum_fp16(total_input: Tensor, grad_output: Tensor, main_grad: Tensor) -> None:
+    """``main_grad += grad_output^T @ total_input`` for 16-bit ``main_grad`` (bf16-true)."""
+    main_grad.addmm_(grad_output.t(), total_input)
+
+
+class _WgradAccumulation:
+    """Stands in for apex's ``fused_weight_gradient_mlp_cuda`` module (same two functions)."""
+
+    wgrad_gemm_accum_fp32 = staticmethod(wgrad_gemm_accum_fp32)
+    wgrad_gemm_accum_fp16 = staticmethod(wgrad_gemm_accum_fp16)
+
+
+# ------------------------------------------------------------------------ Megatron's slots
+def install() -> None:
+    """Fill Megatron-Core's fused-kernel slots that TE / apex would fill, where they are empty.
+
+    Only the slots change; Megatron uses them when a config turns the matching flag on
+    (:func:`kernel_config_kwargs` does on CUDA), and TE's or apex's own kernels win when present.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.tensor_parallel import layers
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = rotary
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = _WgradAccumulation
+        layers._grad_accum_fusion_available = True
+
+
+def limit_wgrad_fusion(chunks) -> None:
+    """Turn weight-gradient fusion off in the linear layers where Megatron cannot use it.
+
+    Frozen weights have no ``main_grad`` to accumulate into, and an output layer whose weight is
+    the (tied) embedding's gets it passed in at call time (``weight is None`` here): its fused
+    path would mark the shared weight's gradient as already added and drop the embedding's part.
+    """
+    for chunk in chunks:
+        for module in chunk.modules():
+            if getattr(module, "gradient_accumulation_fusion", False):
+                weight = getattr(module, "weight", None)
+                if weight is None or not weight.requires_grad:
+                    module.gradient_accumulation_fusion = False
+
+
+def _rope_slot_filled() -> bool:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
+def _wgrad_slot_filled() -> bool:
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
