@@ -190,7 +190,10 @@ def random_rows(vocab_size: int, rows: int, seq: int, seed: int = 0) -> torch.Te
 
 
 # ------------------------------------------------------------------------------------ cases
-def run_hf(config, rows: torch.Tensor, args, device: torch.device, dtype: torch.dtype) -> tuple[list[float], Callable]:
+def run_hf(
+    config, rows: torch.Tensor, args, device: torch.device, dtype: torch.dtype, wrap: Callable | None = None
+) -> tuple[list[float], Callable]:
+    """``wrap(model) -> model`` changes the model before training (e.g. peft's LoRA)."""
     from transformers import AutoModelForCausalLM
 
     from lightning_megatron.hf.convert import hf_config
@@ -200,8 +203,11 @@ def run_hf(config, rows: torch.Tensor, args, device: torch.device, dtype: torch.
     with device:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa", dtype=dtype)
+    if wrap is not None:
+        model = wrap(model)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, fused=device.type == "cuda")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01, fused=device.type == "cuda")
     batch = args.micro_batch_size * args.num_microbatches
 
     def step(index: int) -> None:
@@ -246,7 +252,9 @@ class StepTimer:
         LOSSES.append(outputs["loss"].detach())
 
 
-def run_lightning(config, rows: torch.Tensor, args, device: torch.device, precision: str) -> list[float]:
+def run_lightning(
+    config, rows: torch.Tensor, args, device: torch.device, precision: str, callbacks: tuple = ()
+) -> list[float]:
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -270,7 +278,7 @@ def run_lightning(config, rows: torch.Tensor, args, device: torch.device, precis
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the rows in order, as the other cases read them
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
     )
     model = GPTModule(config, lr=LR, weight_decay=0.01, lr_decay="constant")
     batch_size = args.micro_batch_size * args.num_microbatches
