@@ -50,14 +50,15 @@ def prepare(out: Path) -> None:
     train_tokenizer(texts, vocab_size=1024).save_pretrained(out / "tokenizer")
 
 
-def ask(hf_dir: Path) -> None:
+def ask(hf_dir: Path, questions: list[str] = QUESTIONS) -> None:
+    """Load the export with transformers and answer each question greedily."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     print(f"\n--- transformers, loading {hf_dir} ---")
-    for question in QUESTIONS:
+    for question in questions:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]

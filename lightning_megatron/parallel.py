@@ -1,9 +1,17 @@
-"""ParallelConfig: how a model is split over processes, and the checks that say when it cannot be."""
+"""ParallelConfig: how a model is split over processes, and the checks that say when it cannot be;
+rank shortcuts and a rank-aware logger for code that runs inside a MegatronStrategy fit.
+
+    from lightning_megatron import parallel
+
+    if parallel.tp_rank() == 0 and parallel.pp_rank() == parallel.pp_size() - 1: ...
+    parallel.rank_logger(__name__).info_rank_0("loaded")  # once; info_all_ranks: every rank
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_megatron.models.config import GPTConfig
@@ -118,3 +126,145 @@ class ParallelConfig:
                 f"sp=True with tp={self.tp} needs the sequence length divisible by tp; got "
                 f"{seq_length}: pad sequences to a multiple of {self.tp}"
             )
+
+
+# ------------------------------------------------------------------------ rank shortcuts
+# Valid once MegatronStrategy has set up its parallel state (inside fit/validate/predict and the
+# hooks they call). tp/pp/cp/ep: the tensor-, pipeline-, context- and expert-parallel groups this
+# rank belongs to; dp: the data-parallel group of the dense parameters (without context parallel).
+
+
+def _state():
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError(
+            "Megatron's parallel state is not set up; call the rank helpers after MegatronStrategy "
+            "has set up (in LightningModule/callback hooks during fit, validate or predict)"
+        )
+    return ps
+
+
+def tp_size() -> int:
+    return _state().get_tensor_model_parallel_world_size()
+
+
+def tp_rank() -> int:
+    return _state().get_tensor_model_parallel_rank()
+
+
+def tp_group():
+    return _state().get_tensor_model_parallel_group()
+
+
+def pp_size() -> int:
+    return _state().get_pipeline_model_parallel_world_size()
+
+
+def pp_rank() -> int:
+    return _state().get_pipeline_model_parallel_rank()
+
+
+def pp_group():
+    return _state().get_pipeline_model_parallel_group()
+
+
+def dp_size() -> int:
+    return _state().get_data_parallel_world_size()
+
+
+def dp_rank() -> int:
+    return _state().get_data_parallel_rank()
+
+
+def dp_group():
+    return _state().get_data_parallel_group()
+
+
+def cp_size() -> int:
+    return _state().get_context_parallel_world_size()
+
+
+def cp_rank() -> int:
+    return _state().get_context_parallel_rank()
+
+
+def cp_group():
+    return _state().get_context_parallel_group()
+
+
+def ep_size() -> int:
+    return _state().get_expert_model_parallel_world_size()
+
+
+def ep_rank() -> int:
+    return _state().get_expert_model_parallel_rank()
+
+
+def ep_group():
+    return _state().get_expert_model_parallel_group()
+
+
+def rank_prefix() -> str:
+    """``[rank 3 tp1 pp1 dp0]``: the global rank and its coordinates in the layout (only the
+    dimensions larger than one); ``[rank 3]`` before the parallel state exists."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    parts = [f"rank {rank}"]
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        for name, size, index in (
+            ("tp", tp_size, tp_rank),
+            ("pp", pp_size, pp_rank),
+            ("cp", cp_size, cp_rank),
+            ("ep", ep_size, ep_rank),
+            ("dp", dp_size, dp_rank),
+        ):
+            if size() > 1:
+                parts.append(f"{name}{index()}")
+    return "[" + " ".join(parts) + "]"
+
+
+class RankLogger(logging.LoggerAdapter):
+    """A logger that prefixes each message with :func:`rank_prefix` and logs either on every rank
+    or on global rank 0 only, megatron-wrap style.
+
+    Example::
+
+        log = rank_logger(__name__)
+        log.info_rank_0("starting")          # once per job
+        log.warning_all_ranks("slow batch")  # every rank, e.g. "[rank 3 tp1 dp1] slow batch"
+    """
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[str, Any]:
+        return f"{rank_prefix()} {msg}", kwargs
+
+    def _rank_0(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            self.log(level, msg, *args, **kwargs)
+
+    def debug_rank_0(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self._rank_0(logging.DEBUG, msg, *args, **kwargs)
+
+    def info_rank_0(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self._rank_0(logging.INFO, msg, *args, **kwargs)
+
+    def warning_rank_0(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self._rank_0(logging.WARNING, msg, *args, **kwargs)
+
+    def error_rank_0(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self._rank_0(logging.ERROR, msg, *args, **kwargs)
+
+    debug_all_ranks = logging.LoggerAdapter.debug
+    info_all_ranks = logging.LoggerAdapter.info
+    warning_all_ranks = logging.LoggerAdapter.warning
+    error_all_ranks = logging.LoggerAdapter.error
+
+
+def rank_logger(name: str = "lightning_megatron") -> RankLogger:
+    """A :class:`RankLogger` over ``logging.getLogger(name)``."""
+    return RankLogger(logging.getLogger(name), {})

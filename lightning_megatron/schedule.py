@@ -72,39 +72,59 @@ def _run_schedule(forward_step, chunks, batch, micro_batch_size, **kwargs) -> li
 
 
 def reduce_loss(outputs: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor]:
-    """Token-weighted mean loss over microbatches and the data-parallel group, on every rank.
+    """Weighted means over microbatches and the data-parallel group, the same on every rank.
 
-    Each microbatch reports ``{"loss": tensor([loss_sum, num_tokens])}`` (last pipeline stage only);
-    the sums are added over microbatches and data-parallel (and context-parallel) ranks, then
-    broadcast from the last pipeline stage so every rank logs the same number.
+    Each microbatch reports ``{"loss": tensor([loss_sum, num_tokens])}`` (last pipeline stage
+    only), and may add more ``name: tensor([sum, count])`` entries (DPO's rewards, say); sums
+    and counts are added over microbatches and data-parallel (and context-parallel) ranks, then
+    broadcast from the last pipeline stage so every rank logs the same numbers. Returns each
+    ``sum / count`` and ``num_tokens`` (the loss's count).
     """
-    totals = torch.zeros(2, dtype=torch.float32, device=device)
+    names = ["loss"] + sorted({k for output in outputs for k in output} - {"loss"})
+    src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+    pipelined = ps.get_pipeline_model_parallel_world_size() > 1
+    if pipelined:  # only the last stage knows what the loss function reported
+        box = [names]
+        torch.distributed.broadcast_object_list(box, src=src, group=group)
+        names = box[0]
+    totals = torch.zeros(len(names), 2, dtype=torch.float32, device=device)
     for output in outputs:
-        totals += output["loss"].float()
+        for i, name in enumerate(names):
+            totals[i] += output[name].float()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
-    torch.distributed.broadcast(
-        totals,
-        src=ps.get_pipeline_model_parallel_last_rank(),
-        group=ps.get_pipeline_model_parallel_group(),
-    )
-    loss_sum, num_tokens = totals
-    return {"loss": loss_sum / num_tokens.clamp(min=1), "num_tokens": num_tokens}
+    if pipelined:
+        torch.distributed.broadcast(totals, src=src, group=group)
+    metrics = {name: totals[i, 0] / totals[i, 1].clamp(min=1) for i, name in enumerate(names)}
+    metrics["num_tokens"] = totals[0, 1]
+    return metrics
 
 
-def forward_logits(chunks: Sequence[torch.nn.Module], batch: dict[str, Any], micro_batch_size: int) -> Tensor:
-    """Forward-only pass returning full-vocabulary logits ``[b, s, vocab]`` on every rank."""
+def forward_logits(
+    chunks: Sequence[torch.nn.Module], batch: dict[str, Any], micro_batch_size: int, thd: bool = False
+) -> Tensor:
+    """Forward-only pass returning full-vocabulary logits ``[b, s, vocab]`` on every rank
+    (``thd``: packed rows in THD format, see :func:`~lightning_megatron.models.gpt.prepare_inputs`)."""
     from megatron.core import tensor_parallel
 
     from lightning_megatron.models.gpt import prepare_inputs
 
     def step(data_iterator, chunk):
         # The same positions and attention mask (padding, packed samples) as in training.
-        inputs = prepare_inputs(next(data_iterator))
-        output = chunk(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
+        microbatch = next(data_iterator)
+        packed = thd and "segment_ids" in microbatch
+        shape = microbatch["input_ids"].shape
+        inputs = prepare_inputs(microbatch, thd=packed)
+        output = chunk(
+            inputs["input_ids"],
+            inputs["position_ids"],
+            inputs["attention_mask"],
+            packed_seq_params=inputs["packed_seq_params"],
+        )
 
         def gather(logits, non_loss_data=False):
-            return tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
+            return logits.reshape(*shape, -1) if packed else logits  # THD's [1, b*s] back to [b, s]
 
         return output, gather
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,7 @@ from torch import Tensor
 from lightning_megatron import schedule
 from lightning_megatron.checkpoint import FORMAT, CheckpointError, MegatronCheckpointIO, read_info
 from lightning_megatron.cpu import cpu_mode
+from lightning_megatron.lora import is_adapter_key
 from lightning_megatron.models.config import RecomputeConfig
 from lightning_megatron.models.kernels import kernel_config_kwargs, limit_wgrad_fusion
 from lightning_megatron.models.specs import te_available
@@ -136,6 +138,10 @@ class MegatronStrategy(DDPStrategy):
         self._epoch_batches_done = 0  # training batches finished this epoch (the data position)
         self.consumed_samples = 0  # global samples trained on, over the whole run
         self._restore_optimizer = True
+        self._strict_model_load = True
+        # Set by callbacks that change what a checkpoint holds (LoRA: adapter-only checkpoints).
+        self.model_state_filter: Callable[[str], bool] | None = None
+        self.checkpoint_info_extras: dict[str, Any] = {}
         if fp8 is not None and not te_available():
             raise ValueError(
                 f"fp8={fp8!r} needs Transformer Engine, which is not importable; install it "
@@ -230,6 +236,14 @@ class MegatronStrategy(DDPStrategy):
             self.root_device, self.precision.params_dtype, self.fused_kernels, expert_parallel=self.parallel.ep
         )
 
+    def _configure_launcher(self) -> None:
+        # One process needs no launcher; without one a single-device fit also runs in a notebook
+        # (Lightning refuses the script-relaunching launcher in interactive sessions).
+        if self.num_processes == 1 and self.num_nodes == 1:
+            self._launcher = None
+            return
+        super()._configure_launcher()
+
     # ------------------------------------------------------------------------ setup recipe
     def setup_environment(self) -> None:
         self._use_megatron_precision()
@@ -276,14 +290,13 @@ class MegatronStrategy(DDPStrategy):
             )
         module = self.lightning_module
         self._bare_chunks = self.chunks
-        if trainer.state.fn == TrainerFn.FITTING:
-            # Callbacks that change the model (e.g. Freeze) must act before Megatron's DDP and
-            # optimizer see which parameters are trainable.
-            for callback in trainer.callbacks:
-                hook = getattr(callback, "configure_megatron_model", None)
-                if callable(hook):
-                    hook(trainer, module, self._bare_chunks)
-            limit_wgrad_fusion(self._bare_chunks)  # after freezing: frozen weights have no main_grad
+        # Callbacks that change the model (Freeze, LoRA) act before Megatron's DDP and optimizer
+        # see which parameters are trainable, and also outside fit (LoRA adds modules).
+        for callback in trainer.callbacks:
+            hook = getattr(callback, "configure_megatron_model", None)
+            if callable(hook):
+                hook(trainer, module, self._bare_chunks)
+        limit_wgrad_fusion(self._bare_chunks)  # after Freeze/LoRA: frozen weights have no main_grad
         self.model_to_device()
         chunks = self._wrap_precision(self.chunks)
         if trainer.state.fn == TrainerFn.FITTING:
@@ -412,7 +425,8 @@ class MegatronStrategy(DDPStrategy):
 
     def forward_logits(self, batch: dict[str, Any]) -> Tensor:
         """Full-vocabulary logits ``[b, s, vocab]`` on every rank (pipeline stages included)."""
-        return schedule.forward_logits(self.chunks, batch, self.parallel.micro_batch_size)
+        thd = getattr(self.lightning_module, "thd_packing", False)
+        return schedule.forward_logits(self.chunks, batch, self.parallel.micro_batch_size, thd=thd)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         # Megatron's schedule already ran backward for every microbatch inside training_step;
@@ -431,12 +445,16 @@ class MegatronStrategy(DDPStrategy):
             return {"model": chunks[0]}
         return {f"model{i}": chunk for i, chunk in enumerate(chunks)}
 
-    def _model_sharded_state_dict(self) -> dict[str, Any]:
-        return {name: chunk.sharded_state_dict() for name, chunk in self._checkpoint_chunks().items()}
+    def _model_sharded_state_dict(self, keep: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        states = {name: chunk.sharded_state_dict() for name, chunk in self._checkpoint_chunks().items()}
+        if keep is None:
+            return states
+        return {name: {k: v for k, v in state.items() if keep(v.key)} for name, state in states.items()}
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """This rank's shards of the model (Megatron ``ShardedTensor``s), keyed by chunk."""
-        return self._model_sharded_state_dict()
+        """This rank's shards of the model (Megatron ``ShardedTensor``s), keyed by chunk; only
+        what ``model_state_filter`` keeps when a callback set one (adapter-only checkpoints)."""
+        return self._model_sharded_state_dict(self.model_state_filter)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         return self._optimizer_sharded_state_dict(optimizer, self.checkpoint_io.optim_format, is_loading=False)
@@ -491,6 +509,8 @@ class MegatronStrategy(DDPStrategy):
             "consumed_samples": self.consumed_samples,
             "optimizer_parts": self._optimizer_parts(),
             "optimizer_format": self.checkpoint_io.optim_format,
+            "partial_model": self.model_state_filter is not None,
+            **self.checkpoint_info_extras,
         }
 
     def _optimizer_parts(self) -> int:
@@ -518,9 +538,17 @@ class MegatronStrategy(DDPStrategy):
         info = read_info(checkpoint_path)
         self._check_same_model(info, checkpoint_path)
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        template: dict[str, Any] = {"state_dict": self._model_sharded_state_dict()}
+        model_state = self._model_sharded_state_dict()
+        keep = self._saved_model_keys(info, checkpoint_path)
+        self._strict_model_load = keep is None
+        template: dict[str, Any] = {"state_dict": self._model_sharded_state_dict(keep) if keep else model_state}
         load_optim = fitting and not (io.finetune or io.no_load_optim) and bool(self.optimizers)
         if load_optim:
+            if "lora" in self.checkpoint_info_extras and "lora" not in info:
+                raise CheckpointError(
+                    f"{checkpoint_path} was saved without LoRA, so its optimizer state is not for these "
+                    "adapters; load its weights as the base with MegatronCheckpointIO(finetune=True)"
+                )
             if "optimizer_states" not in info["contents"]:
                 raise CheckpointError(
                     f"{checkpoint_path} holds no optimizer state (saved with no_save_optim); resume "
@@ -548,7 +576,7 @@ class MegatronStrategy(DDPStrategy):
                 )
             template["optimizer_states"] = [
                 self._optimizer_sharded_state_dict(
-                    self.optimizers[0], optim_format, is_loading=True, model_state=template["state_dict"]
+                    self.optimizers[0], optim_format, is_loading=True, model_state=model_state
                 )
             ]
         same_layout = info["layout"] == self._layout()
@@ -575,6 +603,24 @@ class MegatronStrategy(DDPStrategy):
             self.consumed_samples = int(info.get("consumed_samples") or 0)
         return loaded
 
+    def _saved_model_keys(self, info: dict[str, Any], path: str | Path) -> Callable[[str], bool] | None:
+        """Which of this model's tensors the checkpoint holds, when not all: the adapters of an
+        adapter-only checkpoint, or the base weights of one saved without LoRA."""
+        saved_lora, lora = info.get("lora"), self.checkpoint_info_extras.get("lora")
+        if info.get("partial_model"):
+            if lora is None:
+                raise CheckpointError(
+                    f"{path} holds LoRA adapters only (r={saved_lora and saved_lora['r']}); add the LoRA "
+                    "callback with the same options, on top of the base model (e.g. GPTModule.from_hf(base))"
+                )
+            _check_same_lora(saved_lora, lora, path)
+            return self.model_state_filter
+        if lora is not None and saved_lora is None:
+            return lambda key: not is_adapter_key(key)  # base weights; the adapters start fresh
+        if lora is not None:
+            _check_same_lora(saved_lora, lora, path)
+        return None
+
     def _check_same_model(self, info: dict[str, Any], path: str | Path) -> None:
         config = getattr(self.lightning_module, "config", None)
         saved = info.get("model_config")
@@ -596,7 +642,7 @@ class MegatronStrategy(DDPStrategy):
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         state = checkpoint["state_dict"]
         for name, chunk in self._checkpoint_chunks().items():
-            chunk.load_state_dict(state[name], strict=strict)
+            chunk.load_state_dict(state[name], strict=strict and self._strict_model_load)
         if self.optimizers and not self._restore_optimizer:
             # 16-bit training keeps fp32 master weights in the optimizer: without a saved optimizer
             # state, start them from the loaded weights. (With one, they come from the checkpoint,
@@ -626,6 +672,18 @@ class MegatronStrategy(DDPStrategy):
         if self._cpu_mode is not None:
             self._cpu_mode.__exit__(None, None, None)
             self._cpu_mode = None
+
+
+def _check_same_lora(saved: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:
+    fields = ("r", "alpha", "use_rslora", "targets", "target_regex", "modules_to_save")
+    differences = [
+        f"{f}={saved.get(f)!r} saved, {current.get(f)!r} here" for f in fields if saved.get(f) != current.get(f)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters of another shape: " + "; ".join(differences) + ". Use the LoRA options "
+            "the checkpoint was trained with (its lightning_megatron.json has them)"
+        )
 
 
 def _split_megatron_config(returned: Any) -> tuple[OptimizerConfig | None, Any]:

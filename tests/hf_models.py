@@ -39,13 +39,13 @@ CONFIGS = {
 }
 
 
-def make_hf_model(family: str, directory: Path, seed: int = 0) -> Path:
+def make_hf_model(family: str, directory: Path, seed: int = 0, **overrides) -> Path:
     """Save a random fp32 model of ``family`` to ``directory`` (weights drawn with std 0.1, so
-    every layer matters in the logits)."""
+    every layer matters in the logits); ``overrides`` change the config (``vocab_size=512``)."""
     import transformers
 
     name, extra = CONFIGS[family]
-    config = getattr(transformers, name)(**SHAPE, **extra)
+    config = getattr(transformers, name)(**{**SHAPE, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     with torch.no_grad():

@@ -219,6 +219,11 @@ def test_bad_input_names_file_and_line(tmp_path, tokenizer):
             "too-long.jsonl:1: .* exceed max_length=64",
         ),
     }
+    cases["not-an-object"] = (good + "\n[1, 2]\n", "not-an-object.jsonl:2: expected a JSON object, got a list")
+    cases["no-role"] = (
+        json.dumps({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}) + "\n",
+        "no-role.jsonl:1: each of 'messages' needs a 'role' and a 'content'",
+    )
     for name, (text, message) in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text(text)
@@ -226,6 +231,9 @@ def test_bad_input_names_file_and_line(tmp_path, tokenizer):
             SFTDataModule([str(path)], tokenizer, max_length=64).setup()
     with pytest.raises(DataFormatError, match="missing.jsonl: cannot read"):
         SFTDataModule([str(tmp_path / "missing.jsonl")], tokenizer).setup()
+    (tmp_path / "dict.json").write_text(json.dumps({"messages": []}))
+    with pytest.raises(DataFormatError, match="dict.json: a .json file must hold a list of rows"):
+        SFTDataModule([str(tmp_path / "dict.json")], tokenizer).setup()
     # Lenient: the bad row is skipped and listed, never dropped silently.
     lenient = SFTDataModule([str(tmp_path / "no-format.jsonl")], tokenizer, max_length=64, lenient=True)
     lenient.setup()
@@ -327,6 +335,14 @@ def test_pretrain_datamodule_reads_txt_jsonl_parquet_and_datasets(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"body": "no text"}])
     with pytest.raises(DataFormatError, match="bad.jsonl:2: no 'text' field"):
         PretrainDataModule([tmp_path / "bad.jsonl"], ByteTokenizer(), seq_length=4).setup()
+    write_jsonl(tmp_path / "null.jsonl", [{"text": "ok"}, {"text": None}])
+    with pytest.raises(DataFormatError, match="null.jsonl:2: 'text' is a NoneType, not text"):
+        PretrainDataModule([tmp_path / "null.jsonl"], ByteTokenizer(), seq_length=4).setup()
+    with pytest.raises(DataFormatError, match=r"c.parquet: no 'body' column \(columns \['text'\]\)"):
+        PretrainDataModule([tmp_path / "c.parquet"], ByteTokenizer(), seq_length=4, text_field="body").setup()
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataFormatError, match="latin1.txt: cannot read"):
+        PretrainDataModule([tmp_path / "latin1.txt"], ByteTokenizer(), seq_length=4).setup()
 
 
 def test_streaming_shards_rows_over_ranks_and_workers(tmp_path, tokenizer):
@@ -376,35 +392,81 @@ def test_streaming_sft_resumes_at_the_next_unseen_batch(tmp_path, tokenizer):
     assert fit(6, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt") == uninterrupted[3:]
 
 
-def test_indexed_dataset_preprocess_and_blocks(tmp_path, tokenizer):
-    """`lightning-megatron preprocess` writes Megatron's .bin/.idx; reading them gives the same
-    blocks as tokenizing the text directly."""
-    import subprocess
-    import sys
+def test_packed_seq_params_from_segments():
+    from lightning_megatron.models.gpt import packed_seq_params
 
-    from lightning_megatron.data.pretrain import PretrainDataModule
-    from tests.conftest import job_env
+    params = packed_seq_params(torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]]))
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == [0, 3, 5, 7, 14]
+    assert params.max_seqlen_q == params.max_seqlen_kv == 7
+    # The same id at the end of one row and the start of the next is two sequences.
+    assert packed_seq_params(torch.tensor([[1, 1], [1, 1]])).cu_seqlens_q.tolist() == [0, 2, 4]
 
-    docs = [f"document {i}: " + "lorem ipsum dolor " * (i % 5 + 1) for i in range(30)]
-    write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
-    tokenizer.save_pretrained(tmp_path / "tok")
-    cmd = [
-        sys.executable,
-        "-m",
-        "lightning_megatron.cli",
-        "preprocess",
-        "--input",
-        str(tmp_path / "docs.jsonl"),
-        "--output-prefix",
-        str(tmp_path / "out" / "docs"),
-        "--tokenizer",
-        str(tmp_path / "tok"),
+
+def test_thd_packing_gives_each_sample_its_own_logits_and_the_mask_paths_loss(tokenizer):
+    """Packed rows in Megatron's THD format (PackedSeqParams, RoPE restarted per sample through
+    cu_seqlens): two rows per microbatch, each sample's logits equal it run alone, and the loss
+    equals the block-diagonal-mask path's."""
+    samples = [render(to_messages(r), tokenizer) for r in rows_of(5)]
+    rows = pack(samples, seq_length=sum(len(ids) for ids, _ in samples[:3]) + 4)
+    assert len(rows) == 2
+    config = tiny_config(tokenizer)
+
+    def trainer():
+        return L.Trainer(
+            strategy=MegatronStrategy(micro_batch_size=2),
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    thd = GPTModule(config, packed_format="thd")
+    packed = trainer().predict(thd, DataLoader(rows, batch_size=2))[0]
+    placed = [
+        (r, rows[r]["segment_ids"] == k) for r in range(2) for k in range(1, int(rows[r]["segment_ids"].max()) + 1)
     ]
-    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stdout + proc.stderr
-    indexed = PretrainDataModule([tmp_path / "out" / "docs.bin"], tokenizer, seq_length=16)
-    raw = PretrainDataModule([tmp_path / "docs.jsonl"], tokenizer, seq_length=16)
-    indexed.setup()
-    raw.setup()
-    assert len(indexed.train) > 10
-    assert [r["input_ids"].tolist() for r in indexed.train] == [r["input_ids"].tolist() for r in raw.train]
+    assert len(placed) == len(samples)
+    for (ids, _), (r, where) in zip(samples, placed, strict=True):
+        twice = [{"input_ids": torch.tensor(ids)}] * 2  # one microbatch of 2 rows, as the packed ones
+        alone = trainer().predict(thd, DataLoader(twice, batch_size=2))[0][0]
+        assert (packed[r][where] - alone).abs().max() < 1e-5
+    losses = {
+        fmt: trainer().validate(GPTModule(config, packed_format=fmt), DataLoader(rows, batch_size=2), verbose=False)[0][
+            "val/loss"
+        ]
+        for fmt in ("thd", "mask")
+    }
+    assert losses["thd"] == pytest.approx(losses["mask"], abs=1e-5)
+
+
+def test_padding_free_batches_give_the_padded_batchs_loss(tmp_path, tokenizer):
+    """A padding-free batch (the samples end to end in one row) gives the token-weighted loss of
+    the same samples padded to a [b, s] batch, with the mask and with THD."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows_of(6))
+
+    def batch(**options):
+        dm = SFTDataModule([str(data)], tokenizer, max_length=64, batch_size=6, **options)
+        dm.setup()
+        return dm.collate(sorted(dm.train, key=lambda r: r["input_ids"].tolist()))
+
+    padded, free = batch(), batch(padding_free=True)
+    tokens = sum(int(m.sum()) for m in padded["attention_mask"])
+    assert free["input_ids"].shape == (1, -(-tokens // 8) * 8) and int((free["segment_ids"] > 0).sum()) == tokens
+
+    def loss(rows, micro_batch_size, packed_format="auto"):
+        trainer = L.Trainer(
+            strategy=MegatronStrategy(micro_batch_size=micro_batch_size),
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        module = GPTModule(tiny_config(tokenizer), packed_format=packed_format)
+        return trainer.validate(module, DataLoader([rows], batch_size=None), verbose=False)[0]["val/loss"]
+
+    reference = loss(padded, 6)
+    assert loss(free, 1) == pytest.approx(reference, abs=1e-5)
+    assert loss(free, 1, "thd") == pytest.approx(reference, abs=1e-5)

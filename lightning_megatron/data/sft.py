@@ -59,9 +59,14 @@ class RowTooLongError(DataFormatError):
 
 def to_messages(row: dict[str, Any], where: str = "row") -> list[dict[str, str]]:
     """Normalize any supported row shape to chat ``messages``."""
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got a {type(row).__name__}")
     system = row.get("system")
     if "messages" in row:
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        try:
+            messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        except (KeyError, TypeError):
+            raise DataFormatError(f"{where}: each of 'messages' needs a 'role' and a 'content'") from None
     elif "conversations" in row:
         try:
             messages = [{"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
@@ -163,6 +168,13 @@ class Stats:
     dropped_too_long: int = 0
     skipped_bad: list[str] = field(default_factory=list)
 
+    def add(self, other: Stats) -> None:
+        self.rows += other.rows
+        self.kept += other.kept
+        self.truncated += other.truncated
+        self.dropped_too_long += other.dropped_too_long
+        self.skipped_bad += other.skipped_bad
+
 
 def truncate(
     ids: list[int], labels: list[int], max_length: int, policy: Truncation, where: str, stats: Stats
@@ -252,6 +264,8 @@ def to_preference(row: dict[str, Any], where: str = "row") -> tuple[list[dict[st
     - ``{"chosen": messages, "rejected": messages}`` sharing the prompt turns (HH-RLHF style)
     - any SFT shape (see :func:`to_messages`) plus ``"rejected_response"``
     """
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got a {type(row).__name__}")
     if isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
         chosen, rejected = (
             to_messages({"messages": row[k], "system": row.get("system")}, where) for k in ("chosen", "rejected")
@@ -288,3 +302,52 @@ def render_preference(row: dict[str, Any], tokenizer: Any, where: str = "row") -
         ids, labels = render([*prompt, {"role": "assistant", "content": answer}], tokenizer, loss_on="last")
         out[f"{name}_input_ids"], out[f"{name}_labels"] = ids, labels
     return out
+
+
+# ------------------------------------------------------------------------------ one row
+@dataclass
+class RowRenderer:
+    """A row -> ``(sample, stats)``: its token ids and labels (``None`` when dropped as too long or,
+    with ``lenient``, skipped as bad) and what happened to it. Plain data, so worker processes can
+    run it. ``preference`` renders chosen/rejected pairs (:func:`render_preference`) instead.
+    """
+
+    tokenizer: Any
+    max_length: int
+    loss_on: LossOn = "assistant"
+    truncation: Truncation = "error"
+    lenient: bool = False
+    preference: bool = False
+
+    def __call__(self, item: tuple[str, dict[str, Any]]) -> tuple[dict[str, list[int]] | None, Stats]:
+        where, row = item
+        stats = Stats(rows=1)
+        try:
+            sample = self._pair(where, row, stats) if self.preference else self._sample(where, row, stats)
+        except RowTooLongError:
+            raise
+        except DataFormatError as error:
+            if not self.lenient:
+                raise
+            stats.skipped_bad.append(str(error))
+            return None, stats
+        stats.kept += sample is not None
+        return sample, stats
+
+    def _sample(self, where: str, row: dict[str, Any], stats: Stats) -> dict[str, list[int]] | None:
+        ids, labels = render(to_messages(row, where), self.tokenizer, self.loss_on)
+        kept = truncate(ids, labels, self.max_length, self.truncation, where, stats)
+        return None if kept is None else {"input_ids": kept[0], "labels": kept[1]}
+
+    def _pair(self, where: str, row: dict[str, Any], stats: Stats) -> dict[str, list[int]] | None:
+        pair = render_preference(row, self.tokenizer, where)
+        sides = Stats()  # a pair counts once, however many of its sides were cut
+        for side in ("chosen", "rejected"):
+            ids, labels = f"{side}_input_ids", f"{side}_labels"
+            cut = truncate(pair[ids], pair[labels], self.max_length, self.truncation, where, sides)
+            if cut is None:
+                stats.dropped_too_long += 1
+                return None
+            pair[ids], pair[labels] = cut
+        stats.truncated += bool(sides.truncated)
+        return pair

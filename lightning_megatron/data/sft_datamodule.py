@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +16,11 @@ from torch.utils.data import DataLoader
 from lightning_megatron.data.sft import (
     DataFormatError,
     LossOn,
-    RowTooLongError,
+    RowRenderer,
     Stats,
     Truncation,
     pack,
-    render,
     sample_sources,
-    to_messages,
-    truncate,
     use_template,
 )
 
@@ -39,6 +37,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataFormatError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from error
+        if not isinstance(rows, list):
+            raise DataFormatError(f"{path}: a .json file must hold a list of rows, not a {type(rows).__name__}")
         return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
     out = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -82,6 +82,10 @@ class SFTDataModule(L.LightningDataModule):
         loss_on: ``"assistant"`` (default), ``"all"`` tokens or the ``"last"`` assistant turn.
         truncation: rows over ``max_length``: ``"error"``, ``"drop"``, ``"truncate_left"``/``"right"``.
         packing: several samples per row, attention isolated between them.
+        padding_free: each DataLoader batch becomes one row, its samples end to end with
+            attention isolated between them (no padding but the round-up to
+            ``pad_to_multiple_of``; THD with Transformer Engine). A batch is then one microbatch:
+            use ``MegatronStrategy(micro_batch_size=1)``.
         split_dataset_ratio: fraction held out for validation (deterministic for ``seed``).
         lenient: skip rows that match no format (counted and listed) instead of raising.
         model_name, model_author: fill the bundled ``"self-cognition"`` source (use it like a
@@ -90,7 +94,20 @@ class SFTDataModule(L.LightningDataModule):
             data-parallel rank (:class:`~lightning_megatron.data.streaming.StreamingRows`); no
             ``#N`` sampling, packing or split then (validation comes from ``val_sources``).
         val_sources: validation files used as they are (with or without streaming).
+        lazy_tokenize: keep the training rows as read and tokenize each when the DataLoader asks
+            for it (in its workers): no tokenizing pass up front, with ``#N``, splits and
+            shuffling as usual; no packing (it needs every length first). A row dropped as too long
+            (or skipped as bad under ``lenient``) becomes a sample with no loss.
+        num_workers: the training DataLoader's worker processes (they tokenize with
+            ``streaming`` or ``lazy_tokenize``).
+        num_proc: processes tokenizing the rows up front (with ``streaming`` or
+            ``lazy_tokenize`` the DataLoader's ``num_workers`` tokenize the training rows).
+        cache_dir: keep the tokenized rows here, keyed by the files (path, size, modification
+            time), the tokenizer and chat template, and every option that changes the rows; a
+            second run with the same key reads them instead of tokenizing. ``None``: no cache.
     """
+
+    preference = False  # rows are chosen/rejected pairs (PreferenceDataModule)
 
     def __init__(
         self,
@@ -110,6 +127,11 @@ class SFTDataModule(L.LightningDataModule):
         model_author: str | None = None,
         streaming: bool = False,
         val_sources: Sequence[str] = (),
+        lazy_tokenize: bool = False,
+        num_workers: int = 0,
+        num_proc: int = 1,
+        padding_free: bool = False,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.sources, self.tokenizer, self.max_length = list(sources), tokenizer, max_length
@@ -119,10 +141,18 @@ class SFTDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.model_name, self.model_author = model_name, model_author
         self.streaming, self.val_sources = streaming, list(val_sources)
+        self.num_proc, self.cache_dir, self.lazy_tokenize = num_proc, cache_dir, lazy_tokenize
+        self.num_workers, self.padding_free = num_workers, padding_free
+        if padding_free and packing:
+            raise ValueError("padding_free=True packs each batch itself; use it or packing=True, not both")
         if streaming and (packing or split_dataset_ratio or any("#" in src for src in self.sources)):
             raise ValueError("streaming=True reads files as they are: no packing, split_dataset_ratio or '#N'")
+        if (streaming or lazy_tokenize) and cache_dir is not None:
+            raise ValueError("streaming and lazy_tokenize tokenize on the fly, nothing to cache: drop cache_dir")
+        if lazy_tokenize and (packing or streaming):
+            raise ValueError("lazy_tokenize=True cannot pack (packing needs every length first) or stream")
         self.stats = Stats()
-        self.train: Any = []  # samples, packed rows, or a StreamingRows dataset
+        self.train: Any = []  # samples, packed rows, or a StreamingRows / LazyRows dataset
         self._prepared = False
         self.val: list[dict[str, torch.Tensor]] = []
 
@@ -131,13 +161,40 @@ class SFTDataModule(L.LightningDataModule):
             return
         self._prepared = True
         use_template(self.tokenizer, self.template)
-        if self.val_sources:
-            self.val = self._rows_to_samples([r for src in self.val_sources for r in read_rows(src)], self.packing)
         if self.streaming:
             from lightning_megatron.data.streaming import StreamingRows
 
-            self.train = StreamingRows(self.sources, self._stream_sample)
+            if self.val_sources:
+                self.val = self._finish(self._samples([r for src in self.val_sources for r in read_rows(src)]))
+            self.train = StreamingRows(self.sources, _OnTheFly(self._renderer(), self.stats), filler=self._filler())
             return
+        if self.lazy_tokenize:
+            from lightning_megatron.data.streaming import LazyRows
+
+            train_rows, val_rows = self._read()
+            self.train = LazyRows(train_rows, _OnTheFly(self._renderer(), self.stats), filler=self._filler())
+            self.val = self._finish(self._samples(val_rows))
+            return
+        cached = self._cached()
+        if cached is None:
+            train_rows, val_rows = self._read()
+            train, val = self._samples(train_rows), self._samples(val_rows)
+            if self.cache_dir is not None:
+                from lightning_megatron.data import sft_cache
+
+                sft_cache.save(self.cache_dir, self._cache_key(), dataclasses.asdict(self.stats), train=train, val=val)
+        else:
+            train, val = cached
+        self.train, self.val = self._finish(train), self._finish(val)
+        s = self.stats
+        rank_zero_info(
+            f"SFT data{' (from the cache)' if cached is not None else ''}: {s.rows} rows, {s.kept} kept, "
+            f"{s.truncated} truncated, {s.dropped_too_long} dropped (too long), {len(s.skipped_bad)} skipped (bad); "
+            f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}"
+        )
+
+    def _read(self) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:
+        """Read, sample and split the sources: ``(train rows, validation rows)``."""
         loaded = []
         for source in self.sources:
             path, count = parse_source(source)
@@ -150,51 +207,79 @@ class SFTDataModule(L.LightningDataModule):
         rows = sample_sources(loaded, self.seed)
         held_out = int(round(len(rows) * self.split_dataset_ratio))
         val_rows, train_rows = rows[:held_out], rows[held_out:]
-        self.train = self._rows_to_samples(train_rows, pack_rows=self.packing)
-        self.val = self.val or self._rows_to_samples(val_rows, pack_rows=self.packing)
-        s = self.stats
-        rank_zero_info(
-            f"SFT data: {s.rows} rows, {s.kept} kept, {s.truncated} truncated, "
-            f"{s.dropped_too_long} dropped (too long), {len(s.skipped_bad)} skipped (bad); "
-            f"{len(self.train)} train / {len(self.val)} val {'packed rows' if self.packing else 'samples'}"
+        if self.val_sources:
+            val_rows = [row for src in self.val_sources for row in read_rows(src)]
+        return train_rows, val_rows
+
+    def _renderer(self) -> RowRenderer:
+        return RowRenderer(
+            self.tokenizer, self.max_length, self.loss_on, self.truncation, self.lenient, preference=self.preference
         )
 
-    def _rows_to_samples(self, rows: list[tuple[str, dict[str, Any]]], pack_rows: bool) -> list[dict[str, Any]]:
-        samples = [sample for where, row in rows if (sample := self._checked_sample(where, row)) is not None]
-        if pack_rows:
+    def _samples(self, rows: list[tuple[str, dict[str, Any]]]) -> list[dict[str, list[int]]]:
+        """Rows tokenized (in ``num_proc`` processes), in order; counted in :attr:`stats`."""
+        from lightning_megatron.data.parallel_map import parallel_map
+
+        samples = []
+        for sample, stats in parallel_map(self._renderer(), rows, self.num_proc):
+            self.stats.add(stats)
+            if sample is not None:
+                samples.append(sample)
+        return samples
+
+    def _finish(self, samples: list[dict[str, list[int]]]) -> list[dict[str, torch.Tensor]]:
+        if self.packing:
             pad = self.tokenizer.pad_token_id or 0
             return pack([(s["input_ids"], s["labels"]) for s in samples], self.max_length, pad)
         return [_tensors(sample) for sample in samples]
 
-    def _stream_sample(self, where: str, row: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        sample = self._checked_sample(where, row)
-        return None if sample is None else _tensors(sample)
+    def _filler(self) -> dict[str, torch.Tensor]:
+        """The sample that stands in for a row skipped on the fly (and, streaming, for a shard's
+        missing last row), so every data-parallel rank runs the same number of steps: one padding
+        token and no label (a preference pair with no label tokens must carry no loss either)."""
+        pad = self.tokenizer.pad_token_id or 0
+        sides = ("chosen_", "rejected_") if self.preference else ("",)
+        return {
+            key: torch.tensor([value])
+            for side in sides
+            for key, value in ((f"{side}input_ids", pad), (f"{side}labels", -100))
+        }
 
-    def _checked_sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
-        """One row through :meth:`_sample`, counted; bad rows raise, or are listed when lenient."""
-        self.stats.rows += 1
-        try:
-            sample = self._sample(where, row)
-        except RowTooLongError:
-            raise
-        except DataFormatError as error:
-            if not self.lenient:
-                raise
-            self.stats.skipped_bad.append(str(error))
+    def _cache_key(self) -> str:
+        from lightning_megatron.data import sft_cache
+
+        files = [parse_source(src)[0] for src in self.sources] + list(self.val_sources)
+        return sft_cache.cache_key(
+            kind="preference" if self.preference else "sft",
+            sources=self.sources,
+            val_sources=self.val_sources,
+            files=[sft_cache.file_fingerprint(f) for f in files if f != SELF_COGNITION],
+            tokenizer=sft_cache.tokenizer_fingerprint(self.tokenizer),
+            options=[self.max_length, self.loss_on, self.truncation, self.lenient, self.seed, self.split_dataset_ratio],
+            self_cognition=[self.model_name, self.model_author] if SELF_COGNITION in files else None,
+        )
+
+    def _cached(self) -> tuple[list, list] | None:
+        if self.cache_dir is None:
             return None
-        if sample is not None:
-            self.stats.kept += 1
-        return sample
+        from lightning_megatron.data import sft_cache
 
-    def _sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
-        """Token ids and labels of one row; ``None`` when dropped as too long."""
-        ids, labels = render(to_messages(row, where), self.tokenizer, self.loss_on)
-        kept = truncate(ids, labels, self.max_length, self.truncation, where, self.stats)
-        return None if kept is None else {"input_ids": kept[0], "labels": kept[1]}
+        stored = sft_cache.load(self.cache_dir, self._cache_key())
+        if stored is None:
+            return None
+        self.stats = Stats(**stored["stats"])
+        return stored["train"], stored["val"]
 
     def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad every sequence of the batch to the longest (rounded up to ``pad_to_multiple_of``,
-        for SP/CP). Each ``*input_ids`` gets its ``*attention_mask`` unless the row is packed."""
+        for SP/CP). Each ``*input_ids`` gets its ``*attention_mask`` unless the row is packed.
+        With ``padding_free`` the batch's samples become one packed row instead."""
+        if self.padding_free:
+            total = sum(row["input_ids"].shape[0] for row in rows)
+            length = -(-total // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            samples = [(row["input_ids"].tolist(), row["labels"].tolist()) for row in rows]
+            (joined,) = pack(samples, length, self.tokenizer.pad_token_id or 0)
+            return {key: value[None] for key, value in joined.items()}
         longest = max(value.shape[0] for row in rows for value in row.values())
         length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad = self.tokenizer.pad_token_id or 0
@@ -212,8 +297,11 @@ class SFTDataModule(L.LightningDataModule):
         return {key: torch.stack(values) for key, values in batch.items()}
 
     def train_dataloader(self) -> DataLoader:
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if self.streaming:  # the files' order; the dataset shards itself over ranks and workers
-            return DataLoader(self.train, batch_size=self.batch_size, drop_last=True, collate_fn=self.collate)
+            return DataLoader(
+                self.train, batch_size=self.batch_size, drop_last=True, collate_fn=self.collate, **workers
+            )
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train,
@@ -222,6 +310,7 @@ class SFTDataModule(L.LightningDataModule):
             drop_last=True,
             collate_fn=self.collate,
             generator=generator,
+            **workers,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -233,25 +322,25 @@ class PreferenceDataModule(SFTDataModule):
     for DPO: each batch holds ``chosen_*`` and ``rejected_*`` ids and labels padded to one length.
     Rows over ``max_length`` follow ``truncation`` (either side too long counts once)."""
 
+    preference = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.packing:
-            raise ValueError("packing=True is not supported for preference pairs; use packing=False")
+        if self.packing or self.padding_free:
+            raise ValueError("packing and padding_free are not supported for preference pairs; leave them False")
 
-    def _sample(self, where: str, row: dict[str, Any]) -> dict[str, list[int]] | None:
-        from lightning_megatron.data.sft import render_preference
 
-        pair = render_preference(row, self.tokenizer, where)
-        sides = Stats()  # a pair counts once, however many of its sides were cut
-        for side in ("chosen", "rejected"):
-            ids, labels = f"{side}_input_ids", f"{side}_labels"
-            cut = truncate(pair[ids], pair[labels], self.max_length, self.truncation, where, sides)
-            if cut is None:
-                self.stats.dropped_too_long += 1
-                return None
-            pair[ids], pair[labels] = cut
-        self.stats.truncated += bool(sides.truncated)
-        return pair
+class _OnTheFly:
+    """Tokenize one row when the DataLoader asks for it. Picklable (DataLoader workers may be
+    spawned); rows rendered in this process are counted in ``stats``, a worker counts its own."""
+
+    def __init__(self, renderer: RowRenderer, stats: Stats) -> None:
+        self.renderer, self.stats = renderer, stats
+
+    def __call__(self, where: str, row: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        sample, stats = self.renderer((where, row))
+        self.stats.add(stats)
+        return None if sample is None else _tensors(sample)
 
 
 def _tensors(sample: dict[str, list[int]]) -> dict[str, torch.Tensor]:

@@ -236,6 +236,7 @@ def export_hf(
     dtype: torch.dtype | None = None,
     max_shard_size: int = 5 << 30,
     progress: bool = True,
+    adapters: str | os.PathLike | None = None,
 ) -> Path:
     """Write a Hugging Face model directory from a torch_dist checkpoint saved under any layout.
 
@@ -248,21 +249,32 @@ def export_hf(
             else a config built from the model's ``GPTConfig``.
         dtype: dtype of the written weights; default: the checkpoint's.
         max_shard_size: bytes per safetensors file.
+        adapters: a checkpoint saved with the LoRA callback whose adapters are merged into the
+            weights as they are written (see also :func:`~lightning_megatron.hf.merge_lora_to_hf`).
     """
-    from lightning_megatron.checkpoint import read_info
+    from lightning_megatron.checkpoint import CheckpointError, read_info
+    from lightning_megatron.hf.adapters import apply_update, lora_updates
 
     checkpoint, output = Path(checkpoint), Path(output)
     info = read_info(checkpoint)
+    if info.get("partial_model"):
+        raise CheckpointError(
+            f"{checkpoint} holds LoRA adapters only, not a whole model; export them with export_peft, or "
+            "merged into their base with merge_lora_to_hf (CLI: export --to-hf --adapters ... --merge-lora)"
+        )
     config = GPTConfig(**info["model_config"])
     table = family_table(config.family)
     hf_source = hf_source or info.get("hf_source")
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty; choose a new output directory")
     output.mkdir(parents=True, exist_ok=True)
+    updates = lora_updates(Path(adapters), progress) if adapters is not None else {}
     writer = ShardWriter(output, max_shard_size)
     start, written_dtype = time.perf_counter(), dtype
     for key, tensor in _stacked_tensors(checkpoint, [k for k in table if not _tied_output(k, config)], progress):
         transform, names = table[key]
+        if key in updates:
+            tensor = apply_update(key, tensor, updates.pop(key))
         written_dtype = written_dtype or tensor.dtype
         for index, global_tensor in _unstack(key, tensor):
             for name, hf_tensor in zip(names, from_megatron(transform, global_tensor, config), strict=True):

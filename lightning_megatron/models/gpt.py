@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from lightning_megatron.models.config import GPTConfig
@@ -35,6 +36,11 @@ class GPTModule(L.LightningModule):
         warmup_steps, lr_decay, min_lr_ratio: the LR schedule (see :func:`warmup_decay_lr`);
             decay runs to ``trainer.max_steps``.
         seed: weight-initialization seed; the same seed gives the same weights under any layout.
+        packed_format: how packed rows (batches with ``segment_ids``) keep samples apart:
+            ``"thd"`` lays the microbatch's samples end to end as Megatron's THD format
+            (``PackedSeqParams`` with ``cu_seqlens``; Transformer Engine's fused kernels, or one
+            causal SDPA per sample in the local spec), ``"mask"`` builds a block-diagonal mask for
+            the local attention; ``"auto"``: THD with Transformer Engine, else the mask.
         hf_source: a Hugging Face model directory whose weights replace the initial ones (use
             :meth:`from_hf`, which also reads the config from it).
 
@@ -56,12 +62,18 @@ class GPTModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         seed: int = 1234,
         hf_source: str | None = None,
+        packed_format: str = "auto",
     ) -> None:
         super().__init__()
+        if packed_format not in ("auto", "thd", "mask"):
+            raise ValueError(f"packed_format={packed_format!r}; choose 'auto', 'thd' or 'mask'")
         self.save_hyperparameters()
         self.config = config
         self.chunks: torch.nn.ModuleList | None = None
         self._built_for: tuple | None = None
+        # (microbatch, prepared inputs) -> Megatron loss function; None: the token-mean LM loss.
+        # Callbacks that change the training objective (DPO) set it.
+        self.objective: Callable[[dict[str, Tensor], dict[str, Any]], Callable] | None = None
 
     # ----------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -86,8 +98,17 @@ class GPTModule(L.LightningModule):
                 f"etp={strategy.parallel.expert_tp}: expert tensor parallelism all-gathers uneven "
                 "token counts, which gloo cannot do; on CPU set etp=1 (e.g. tp=2, ep=2, etp=1)"
             )
+        self.chunks = torch.nn.ModuleList(self.build_chunks(strategy))
+        self._built_for = layout
+
+    def build_chunks(self, strategy: Any, initialize: bool = True) -> list[torch.nn.Module]:
+        """New model chunks for the strategy's layout: initialized from ``seed`` and, with
+        ``hf_source``, loaded from it (``initialize=False`` leaves them uninitialized)."""
         # Fused-kernel defaults of the strategy's fast path; the model's ``extra`` fields win.
         kernels = {k: v for k, v in strategy.kernel_config_kwargs().items() if k not in self.config.extra}
+        if self.hparams.packed_format == "thd" and not strategy.use_te:
+            # The compiled RoPE covers [s, b, h, d] tensors; packed THD rows keep Megatron's own.
+            kernels.pop("apply_rope_fusion", None)
         tconfig = self.config.to_transformer_config(**kernels, **strategy.transformer_config_kwargs())
         tp = ps.get_tensor_model_parallel_world_size()
         vpp = strategy.parallel.vpp or 1
@@ -110,13 +131,13 @@ class GPTModule(L.LightningModule):
                     vp_stage=vp_stage,
                 )
             )
-        init_weights(chunks, self.hparams.seed, self.config.init_method_std, self.config.num_layers)
-        if self.hparams.hf_source:
-            from lightning_megatron.hf import load_hf_weights
+        if initialize:
+            init_weights(chunks, self.hparams.seed, self.config.init_method_std, self.config.num_layers)
+            if self.hparams.hf_source:
+                from lightning_megatron.hf import load_hf_weights
 
-            load_hf_weights(chunks, self.hparams.hf_source, self.config)
-        self.chunks = torch.nn.ModuleList(chunks)
-        self._built_for = layout
+                load_hf_weights(chunks, self.hparams.hf_source, self.config)
+        return chunks
 
     @classmethod
     def from_hf(cls, source: str | Path, **kwargs: Any) -> GPTModule:
@@ -149,23 +170,42 @@ class GPTModule(L.LightningModule):
         elsewhere) and the function that reduces it to ``(loss_sum, num_tokens, report)``.
         """
         batch = next(data_iterator)
-        if "segment_ids" in batch and self.trainer.strategy.use_te:
-            raise NotImplementedError(
-                "packed rows (segment_ids) use a block-diagonal mask in the local attention; with "
-                "Transformer Engine they need THD PackedSeqParams, not supported yet: use_te=False"
+        thd = self.thd_packing and "segment_ids" in batch
+        if thd and ps.get_pipeline_model_parallel_world_size() > 1 and batch["input_ids"].shape[0] > 1:
+            raise ValueError(
+                "packed rows in THD format make one [b*s, 1, h] sequence of each microbatch, but pipeline "
+                "stages exchange [s, micro_batch_size, h] activations; with pp>1 set micro_batch_size=1 "
+                f"(it is {batch['input_ids'].shape[0]})"
             )
-        inputs = prepare_inputs(batch)
+        if thd and ps.get_context_parallel_world_size() > 1:
+            raise NotImplementedError(
+                "packed rows with context parallelism need cu_seqlens padded per CP rank, not supported yet; "
+                "set cp=1 or packing=False"
+            )
+        inputs = prepare_inputs(batch, thd=thd)
         output = chunk(
             inputs["input_ids"],
             inputs["position_ids"],
             inputs["attention_mask"],
             labels=inputs["labels"],
+            packed_seq_params=inputs["packed_seq_params"],
         )
+        if self.objective is not None:
+            return output, self.objective(batch, inputs)
         return output, partial(masked_token_loss, inputs["loss_mask"])
+
+    @property
+    def thd_packing(self) -> bool:
+        """Whether packed rows run in THD format (see ``packed_format``)."""
+        fmt = self.hparams.packed_format
+        return fmt == "thd" or (fmt == "auto" and self.trainer.strategy.use_te)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         metrics = self.trainer.strategy.forward_backward(batch)
         self.log("train/loss", metrics["loss"], prog_bar=True, batch_size=_batch_size(batch))
+        for name, value in metrics.items():
+            if name not in ("loss", "num_tokens"):
+                self.log(f"train/{name}", value, batch_size=_batch_size(batch))
         self.log_moe_losses()
         return metrics["loss"]
 
@@ -180,6 +220,9 @@ class GPTModule(L.LightningModule):
         # Token-weighted over the epoch: Lightning's weighted mean with num_tokens as weight.
         n = int(metrics["num_tokens"].item())
         self.log("val/loss", metrics["loss"], batch_size=max(n, 1), sync_dist=False, prog_bar=True)
+        for name, value in metrics.items():
+            if name not in ("loss", "num_tokens"):
+                self.log(f"val/{name}", value, batch_size=max(n, 1))
         return metrics["loss"]
 
     def on_validation_epoch_end(self) -> None:
@@ -265,8 +308,12 @@ class _GPTModel(GPTModel):
         return loss.transpose(0, 1).contiguous()
 
 
-def prepare_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
-    """Shift labels (transformers convention), build the loss mask and positions."""
+def prepare_inputs(batch: dict[str, Tensor], thd: bool = False) -> dict[str, Any]:
+    """Shift labels (transformers convention), build the loss mask and positions.
+
+    With ``thd`` and packed rows (``segment_ids``), the microbatch's rows are laid end to end as
+    one ``[1, b*s]`` sequence described by ``packed_seq_params`` instead of an attention mask.
+    """
     input_ids = batch["input_ids"]
     labels = batch.get("labels", input_ids)
     # Predict token t+1 at position t; the last position has no target.
@@ -275,14 +322,17 @@ def prepare_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
     loss_mask = shifted != -100
     if "loss_mask" in batch:
         loss_mask &= torch.roll(batch["loss_mask"].bool(), -1, dims=1)
-    attention_mask = None
+    attention_mask = packed = None
     padding = batch.get("attention_mask")
     segments = batch.get("segment_ids")
     if segments is not None:
         # Packed rows: a token sees only earlier tokens of its own sample, and the last token of
         # a sample does not learn to predict the next sample's first token.
         loss_mask &= (torch.roll(segments, -1, dims=1) == segments) & (segments > 0)
-        attention_mask = _segment_mask(segments)
+        if thd:
+            packed = packed_seq_params(segments)
+        else:
+            attention_mask = _segment_mask(segments)
     elif padding is not None and not bool(padding.all()):
         loss_mask &= torch.roll(padding.bool(), -1, dims=1)
         attention_mask = _causal_padding_mask(padding.bool())
@@ -290,12 +340,40 @@ def prepare_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     # Megatron's vocab-parallel cross entropy needs valid ids everywhere; masked ones are ignored.
-    return dict(
+    inputs = dict(
         input_ids=input_ids,
         labels=shifted.clamp(min=0),
         loss_mask=loss_mask,
         position_ids=position_ids,
         attention_mask=attention_mask,
+    )
+    if packed is not None:
+        inputs = {key: None if value is None else value.reshape(1, -1) for key, value in inputs.items()}
+    inputs["packed_seq_params"] = packed
+    return inputs
+
+
+def packed_seq_params(segments: Tensor) -> PackedSeqParams:
+    """Megatron's THD ``PackedSeqParams`` for packed rows ``segments`` ``[b, s]`` (1, 2, ... per
+    sample, 0 for padding) laid end to end as one sequence of ``b*s`` tokens.
+
+    Each run of one segment id within a row is a sequence; a padding run is one too, so
+    ``cu_seqlens`` covers every token (padding attends only to padding and carries no loss).
+    Example: ``[[1, 1, 1, 2, 2, 0]]`` -> ``cu_seqlens [0, 3, 5, 6]``, ``max_seqlen 3``.
+    """
+    flat = segments.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: segments.shape[1]] = True  # every row starts a sequence, even with equal ids
+    end = torch.tensor([flat.numel()], device=flat.device)
+    cu_seqlens = torch.cat([starts.nonzero().flatten(), end]).to(torch.int32)
+    longest = int(cu_seqlens.diff().max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
     )
 
 

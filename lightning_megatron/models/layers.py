@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -65,8 +66,10 @@ class SDPAttention(MegatronModule):
         attention_bias: Tensor | None = None,
         packed_seq_params=None,
     ) -> Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("packed sequences / attention bias need Transformer Engine's attention here")
+        if attention_bias is not None:
+            raise NotImplementedError("attention bias needs Transformer Engine's attention")
+        if packed_seq_params is not None:
+            return self._thd(query, key, value, packed_seq_params)
         mask_type = attn_mask_type or self.attn_mask_type
         seq, batch, heads, dim = query.shape
         # SDPA wants [b, heads, s, d].
@@ -91,6 +94,28 @@ class SDPAttention(MegatronModule):
                 enable_gqa=k.shape[1] != heads,
             )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
+
+    def _thd(self, query: Tensor, key: Tensor, value: Tensor, packed_seq_params) -> Tensor:
+        """Packed sequences in THD format (``[t, heads, d]``, Megatron squeezed the batch of one):
+        one causal SDPA per sequence of ``cu_seqlens``, so each keeps flash-attention kernels."""
+        if packed_seq_params.qkv_format != "thd":
+            raise NotImplementedError(f"packed qkv_format={packed_seq_params.qkv_format!r}; only 'thd' is supported")
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        heads, dim = query.shape[1], query.shape[2]
+        pieces = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                dropout_p=self.dropout_p if self.training else 0.0,
+                is_causal=True,
+                scale=self.softmax_scale,
+                enable_gqa=k.shape[1] != heads,
+            )
+            pieces.append(out[0].transpose(0, 1))
+        return torch.cat(pieces).reshape(query.shape[0], heads * dim)
 
 
 class Norm:
@@ -119,7 +144,7 @@ class GroupedExperts(SequentialMLP):
     to the GEMMs); gradients flow back to each expert's own parameter, so Megatron DDP's gradient
     buffers and the distributed optimizer see the usual parameters. Falls back to the loop where
     grouped GEMMs are unavailable (CUDA before Hopper or non-bf16 CUDA tensors), with biases,
-    tensor-parallel experts or non-SwiGLU activations.
+    tensor-parallel experts, non-SwiGLU activations or wrapped expert linears (LoRA).
     """
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, grouped: bool = True) -> None:
@@ -140,6 +165,12 @@ class GroupedExperts(SequentialMLP):
 
     def _grouped_supported(self, hidden: Tensor) -> bool:
         if not self.grouped or self.num_local_experts == 1:
+            return False
+        # Wrapped expert linears (LoRA swaps in a subclass) must run their own forward.
+        if any(
+            type(e.linear_fc1) is not ColumnParallelLinear or type(e.linear_fc2) is not RowParallelLinear
+            for e in self.local_experts
+        ):
             return False
         if hidden.device.type == "cuda":
             return hidden.dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden.device)[0] >= 9
