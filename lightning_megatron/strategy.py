@@ -230,12 +230,6 @@ class MegatronStrategy(DDPStrategy):
             values.update(batch_p2p_comm=False)
         return values
 
-    def kernel_config_kwargs(self) -> dict[str, Any]:
-        """Fused-kernel ``TransformerConfig`` fields for this device and precision (the fast path)."""
-        return kernel_config_kwargs(
-            self.root_device, self.precision.params_dtype, self.fused_kernels, expert_parallel=self.parallel.ep
-        )
-
     def _configure_launcher(self) -> None:
         # One process needs no launcher; without one a single-device fit also runs in a notebook
         # (Lightning refuses the script-relaunching launcher in interactive sessions).
@@ -243,6 +237,12 @@ class MegatronStrategy(DDPStrategy):
             self._launcher = None
             return
         super()._configure_launcher()
+
+    def kernel_config_kwargs(self) -> dict[str, Any]:
+        """Fused-kernel ``TransformerConfig`` fields for this device and precision (the fast path)."""
+        return kernel_config_kwargs(
+            self.root_device, self.precision.params_dtype, self.fused_kernels, expert_parallel=self.parallel.ep
+        )
 
     # ------------------------------------------------------------------------ setup recipe
     def setup_environment(self) -> None:
@@ -296,7 +296,8 @@ class MegatronStrategy(DDPStrategy):
             hook = getattr(callback, "configure_megatron_model", None)
             if callable(hook):
                 hook(trainer, module, self._bare_chunks)
-        limit_wgrad_fusion(self._bare_chunks)  # after Freeze/LoRA: frozen weights have no main_grad
+        if trainer.state.fn == TrainerFn.FITTING:
+            limit_wgrad_fusion(self._bare_chunks)  # after freezing: frozen weights have no main_grad
         self.model_to_device()
         chunks = self._wrap_precision(self.chunks)
         if trainer.state.fn == TrainerFn.FITTING:
