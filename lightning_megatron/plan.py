@@ -84,7 +84,7 @@ class StageMemory:
     activations: int  # kept for backward, plus ``transient``
     microbatches_in_flight: int
     # Short-lived peaks inside ``activations``: one layer's recompute during backward, the
-    # 16-bit logits while the loss casts them to fp32.
+    # logits' gradient at the start of backward.
     transient: int = 0
     optimizer_step: int = 0  # temporaries of the optimizer step (after the activations are freed)
 
@@ -232,13 +232,15 @@ def _moe_bytes(config: GPTConfig, layout: Layout, e: int) -> int:
 
 def logits_bytes(config: GPTConfig, layout: Layout, seq_length: int, element_bytes: int) -> tuple[int, int]:
     """The last stage's head: ``(kept, transient)`` bytes. Kept for backward: the final norm
-    (``8h``), the output layer's input (``e*h``) and the fp32 softmax of Megatron's
-    vocab-parallel cross entropy; transient: the 16-bit logits, alive while cast to fp32."""
+    (``8h``), the output layer's input (``e*h``) and what the fast path's cross entropy
+    (``lightning_megatron.models.kernels``) keeps: the logits in their own dtype and a fp32
+    log-sum-exp and int64 target index per token; transient: the logits' gradient, written while
+    the logits are still kept."""
     tokens = layout.micro_batch_size * seq_length // layout.cp
     h_sp = config.hidden_size // layout.tp if layout.sp else config.hidden_size
     vocab = config.padded_vocab_size(layout.tp) // layout.tp
-    kept = tokens * ((NORM_SAVED_BYTES + element_bytes) * h_sp + 4 * vocab)
-    return kept, tokens * vocab * element_bytes if element_bytes != 4 else 0
+    kept = tokens * ((NORM_SAVED_BYTES + element_bytes) * h_sp + element_bytes * vocab + 12)
+    return kept, tokens * vocab * element_bytes
 
 
 # ---------------------------------------------------------------------------------- memory

@@ -77,3 +77,17 @@ def test_fused_path_trains_like_megatron_eager_path(moe):
             assert experts.grouped is fused
         runs[fused] = losses.values
     assert runs[True] == pytest.approx(runs[False], abs=2e-5)
+
+
+def test_lora_on_experts_still_trains_the_expert_adapters():
+    """Grouped experts read the expert weights directly; LoRA-wrapped expert linears must run
+    their own forward instead, or their adapters would get no gradient."""
+    from lightning_megatron.callbacks import LoRA
+
+    config = GPTConfig.preset("qwen2_moe", **CONFIG, **MOE)
+    model = GPTModule(config, lr=3e-3)
+    trainer(max_steps=2, callbacks=[LoRA(r=4, target_modules=["linear_fc1", "linear_fc2"])]).fit(model, loader())
+    experts = model.chunks[0].decoder.layers[0].mlp.experts
+    assert experts.grouped and not experts._grouped_supported(torch.zeros(1, CONFIG["hidden_size"]))
+    # B starts at zero (peft's init) and moves only if the adapter is in the forward pass.
+    assert experts.local_experts[0].linear_fc1.lora_B.weight.abs().sum() > 0

@@ -51,8 +51,9 @@ def test_activation_bytes_by_hand():
     assert layer_activation_bytes(TINY, Layout(micro_batch_size=2), 32, 2) == 2 * 32 * per_token
     assert layer_activation_bytes(TINY, Layout(recompute="selective"), 32, 2) == 32 * (per_token - 2 * 5 * 128)
     assert layer_activation_bytes(TINY, Layout(recompute="full"), 32, 2) == 32 * 2 * 64  # the layer input
-    # final norm (8h) and output-layer input (e*h), fp32 softmax; the bf16 logits are transient
-    assert logits_bytes(TINY, Layout(), 32, 2) == (32 * (10 * 64 + 4 * 256), 32 * 256 * 2)
+    # final norm (8h), output-layer input (e*h), the bf16 logits and 12 bytes a token for the
+    # cross entropy; the logits' gradient is transient
+    assert logits_bytes(TINY, Layout(), 32, 2) == (32 * (10 * 64 + 2 * 256 + 12), 32 * 256 * 2)
 
 
 def test_pipeline_stage_memory_by_hand():
@@ -64,7 +65,7 @@ def test_pipeline_stage_memory_by_hand():
     assert (first.weights, first.grads, first.optimizer) == (2 * params0, 4 * params0, 12 * params0)
     layer = 32 * 3152
     assert (first.activations, first.transient) == (2 * 2 * layer, 0)
-    assert (last.activations, last.transient) == (2 * layer + 32 * 1664 + 32 * 512, 32 * 512)
+    assert (last.activations, last.transient) == (2 * layer + 32 * 1164 + 32 * 512, 32 * 512)
     # The optimizer step's fp32 temporary (after the activations are freed) vs the activations.
     assert first.optimizer_step == 4 * params0
     assert first.total == 18 * params0 + max(first.activations, first.optimizer_step)
@@ -74,8 +75,8 @@ def test_pipeline_stage_memory_by_hand():
 def test_recompute_adds_one_layer_back_while_backward_runs():
     full = estimate(TINY, Layout(recompute="full"), 1, 32, 1).memory
     layer = 32 * 3152
-    assert full.transient == layer - 32 * 2 * 64 + 32 * 512  # one layer recomputed + the logits cast
-    assert full.activations == 4 * 32 * 2 * 64 + 32 * 1664 + full.transient
+    assert full.transient == layer - 32 * 2 * 64 + 32 * 512  # one layer recomputed + the logits' gradient
+    assert full.activations == 4 * 32 * 2 * 64 + 32 * 1164 + full.transient
 
 
 def test_distributed_optimizer_shards_over_data_parallel():

@@ -106,6 +106,9 @@ class GPTModule(L.LightningModule):
         ``hf_source``, loaded from it (``initialize=False`` leaves them uninitialized)."""
         # Fused-kernel defaults of the strategy's fast path; the model's ``extra`` fields win.
         kernels = {k: v for k, v in strategy.kernel_config_kwargs().items() if k not in self.config.extra}
+        if self.hparams.packed_format == "thd" and not strategy.use_te:
+            # The compiled RoPE covers [s, b, h, d] tensors; packed THD rows keep Megatron's own.
+            kernels.pop("apply_rope_fusion", None)
         tconfig = self.config.to_transformer_config(**kernels, **strategy.transformer_config_kwargs())
         tp = ps.get_tensor_model_parallel_world_size()
         vpp = strategy.parallel.vpp or 1

@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -143,7 +144,7 @@ class GroupedExperts(SequentialMLP):
     to the GEMMs); gradients flow back to each expert's own parameter, so Megatron DDP's gradient
     buffers and the distributed optimizer see the usual parameters. Falls back to the loop where
     grouped GEMMs are unavailable (CUDA before Hopper or non-bf16 CUDA tensors), with biases,
-    tensor-parallel experts or non-SwiGLU activations.
+    tensor-parallel experts, non-SwiGLU activations or wrapped expert linears (LoRA).
     """
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, grouped: bool = True) -> None:
@@ -164,6 +165,12 @@ class GroupedExperts(SequentialMLP):
 
     def _grouped_supported(self, hidden: Tensor) -> bool:
         if not self.grouped or self.num_local_experts == 1:
+            return False
+        # Wrapped expert linears (LoRA swaps in a subclass) must run their own forward.
+        if any(
+            type(e.linear_fc1) is not ColumnParallelLinear or type(e.linear_fc2) is not RowParallelLinear
+            for e in self.local_experts
+        ):
             return False
         if hidden.device.type == "cuda":
             return hidden.dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden.device)[0] >= 9
