@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_megatron.callbacks.freeze import _global_names
-from lightning_megatron.lora import LoRAConfig, add_lora, is_adapter_key
+from lightning_megatron.lora import LoRAConfig, add_lora, collective_device, is_adapter_key
 
 # Hugging Face names users know for the modules outside the layers.
 _MODULE_ALIASES = {
@@ -112,7 +112,7 @@ class LoRA(L.Callback):
 
 def _check_modules_to_save(wanted: Sequence[str], matched: set[str], chunks: Sequence[torch.nn.Module]) -> None:
     # A prefix may live on another pipeline stage only; decide over all ranks.
-    missing = torch.tensor([int(p not in matched) for p in wanted], dtype=torch.int64)
+    missing = torch.tensor([int(p not in matched) for p in wanted], dtype=torch.int64, device=collective_device())
     if torch.distributed.is_initialized() and len(wanted):
         torch.distributed.all_reduce(missing, op=torch.distributed.ReduceOp.MIN)
     absent = [p for p, m in zip(wanted, missing.tolist(), strict=True) if m]

@@ -286,7 +286,7 @@ def add_lora(chunks: Sequence[torch.nn.Module], config: LoRAConfig) -> list[str]
             wrap_linear(module, name, config, gated)
             wrapped.append(name)
             fresh += 1
-    found = torch.tensor([len(wrapped)])
+    found = torch.tensor([len(wrapped)], device=collective_device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(found)
     if not found.item():
@@ -298,6 +298,13 @@ def add_lora(chunks: Sequence[torch.nn.Module], config: LoRAConfig) -> list[str]
     if fresh:
         init_lora(chunks, config)
     return wrapped
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective on the default group must live (NCCL: the current GPU)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def named_linears(chunks: Sequence[torch.nn.Module]) -> Iterable[tuple[str, torch.nn.Module]]:

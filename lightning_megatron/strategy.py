@@ -250,6 +250,10 @@ class MegatronStrategy(DDPStrategy):
         if self.root_device.type == "cpu":
             self._cpu_mode = cpu_mode()
             self._cpu_mode.__enter__()
+        if _distributed_is_initialized() and torch.distributed.get_backend() != self._get_process_group_backend():
+            # A fit on GPU (NCCL) then one on CPU (gloo) in one process, or the other way round:
+            # Lightning would reuse the old group, whose backend cannot move this device's tensors.
+            torch.distributed.destroy_process_group()
         super().setup_environment()  # sets the device and creates the default process group
         self.parallel.validate(self.world_size)
         self._init_parallel_state()
