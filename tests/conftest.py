@@ -22,7 +22,8 @@ def job_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
+        # PL_GLOBAL_SEED: an in-process LightningCLI run (seed_everything) must not seed child jobs.
+        if k not in {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "PL_GLOBAL_SEED"}
     }
     return dict(env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
 

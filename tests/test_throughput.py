@@ -85,9 +85,11 @@ def test_numbers_agree_with_measured_step_times_and_token_counts(tmp_path):
         paused = sum(b - a for a, b in clock.validation if begin < a < end)
         elapsed = end - begin - paused
         assert (i, paused > 0.3) in [(0, False), (1, True), (2, False)]  # validation ran after step 3
-        assert metrics["perf/tokens_per_sec"] == pytest.approx(tokens / elapsed, rel=0.05)
+        # Two clocks read in neighbouring hooks: close, not equal (the slack is scheduling noise on a
+        # loaded CI machine; miscounting tokens or timing validation would be off by 2x or more).
+        assert metrics["perf/tokens_per_sec"] == pytest.approx(tokens / elapsed, rel=0.2)
         assert metrics["perf/samples_per_sec"] == pytest.approx(metrics["perf/tokens_per_sec"] / seq, rel=1e-9)
-        assert metrics["perf/step_time"] == pytest.approx(elapsed / window, rel=0.05)
+        assert metrics["perf/step_time"] == pytest.approx(elapsed / window, rel=0.2)
         tflops = model_flops_per_token(config, seq) * metrics["perf/tokens_per_sec"] / 1e12
         assert metrics["perf/tflops_per_device"] == pytest.approx(tflops, rel=1e-9)
         assert metrics["perf/mfu"] == pytest.approx(tflops / peak, rel=1e-9)
