@@ -275,6 +275,17 @@ def test_base_load_from_a_full_checkpoint(tmp_path):
     with pytest.raises(Exception, match="adapter_load=.*holds no LoRA adapters"):
         trainer([LoRA(r=2, adapter_load=base)]).predict(GPTModule(full.config), batches())
 
+    # Train adapters on that base, then merge them into it from the two torch_dist checkpoints
+    # (the adapters record base_load): transformers on the merged export gives the LoRA model's logits.
+    import transformers
+
+    lora = dict(r=2, init="random", base_load=base)
+    fit(other, [LoRA(**lora), ModelCheckpoint(dirpath=tmp_path / "adapters", every_n_train_steps=2)])
+    trained = trainer([LoRA(**lora)]).predict(other, batches())[0]
+    merged = merge_lora_to_hf(next((tmp_path / "adapters").iterdir()), tmp_path / "merged", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert_close(model(BATCH).logits.detach(), trained, "merged into a torch_dist base")
+
 
 def test_modules_to_save_and_rslora_reach_peft(tmp_path):
     llama = make_hf_model("llama", tmp_path / "llama")  # untied: lm_head is its own module

@@ -137,14 +137,15 @@ def merge_lora_to_hf(
         adapters: a checkpoint saved with the LoRA callback.
         output: the HF directory to create.
         base: the base weights: a torch_dist checkpoint or a Hugging Face directory; default: the
-            adapters' own checkpoint when it holds the base too, else the HF model it was trained on.
+            adapters' own checkpoint when it holds the base too, else the LoRA callback's
+            ``base_load`` or the HF model the run started from.
     """
     from lightning_megatron.hf.convert import export_hf
 
     adapters, output = Path(adapters), Path(output)
     info, config = _adapter_info(adapters)
     if base is None:
-        base = adapters if not info.get("partial_model") else info.get("hf_source")
+        base = adapters if not info.get("partial_model") else info["lora"].get("base_load") or info.get("hf_source")
     if base is None:
         raise ValueError(f"{adapters} holds adapters only and records no base model; pass base=<checkpoint or HF dir>")
     base = Path(base)
