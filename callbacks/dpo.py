@@ -113,24 +113,29 @@ class DPO(L.Callback):
         if "reference_logps" in batch:
             return
         rows = pairs_to_rows(batch)
-        rows["reference_logps"] = self.reference_logps(trainer.strategy, rows)
+        rows["reference_logps"] = self.reference_logps(trainer.strategy, trainer.lightning_module, rows)
         batch.clear()
         batch.update(rows)
 
     @torch.no_grad()
-    def reference_logps(self, strategy, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_logps(self, strategy, module: L.LightningModule, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-row response log-prob sums under the reference model (the last pipeline stage has
-        them; other stages hold zeros, which they never read)."""
+        them; other stages hold zeros, which they never read). The pass runs the module's own
+        ``forward_step`` (the same inputs as training) with an objective that collects them."""
         size = rows["input_ids"].shape[0]
         logps = torch.zeros(size, dtype=torch.float32, device=rows["input_ids"].device)
         if self.config.reference_free:
             return logps
         chunks = strategy.chunks if self.reference is None else self.reference
         off = adapters_disabled(chunks) if self.uses_lora else contextlib.nullcontext()
-        with off:
-            reports = schedule._run_schedule(
-                _reference_step, chunks, rows, strategy.parallel.micro_batch_size, forward_only=True
-            )
+        module.objective = _collect_logps
+        try:
+            with off:
+                reports = schedule._run_schedule(
+                    module.forward_step, chunks, rows, strategy.parallel.micro_batch_size, forward_only=True
+                )
+        finally:
+            module.objective = self.objective
         if reports:
             logps.copy_(torch.cat([r["logps"] for r in reports]))
         return logps
@@ -144,18 +149,14 @@ class DPO(L.Callback):
         self.reference = None
 
 
-def _reference_step(data_iterator, chunk):
-    from lightning_megatron.models.gpt import prepare_inputs
-
-    inputs = prepare_inputs(next(data_iterator))
-    output = chunk(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], labels=inputs["labels"])
+def _collect_logps(microbatch: dict[str, torch.Tensor], inputs: dict[str, Any]):
+    """An objective for a forward-only pass: reports each row's response log-prob sum."""
 
     def collect(per_token_loss):
         logps, _ = sequence_logps(per_token_loss, inputs["loss_mask"])
-        zero = per_token_loss.sum() * 0
-        return zero, torch.tensor(1, dtype=torch.int), {"logps": logps}
+        return per_token_loss.sum() * 0, torch.ones((), dtype=torch.int, device=logps.device), {"logps": logps}
 
-    return output, collect
+    return collect
 
 
 def _load_reference(strategy, reference: list[torch.nn.Module], path: str | Path) -> None:
@@ -165,10 +166,6 @@ def _load_reference(strategy, reference: list[torch.nn.Module], path: str | Path
     strategy._check_same_model(info, path)  # a different architecture is refused, field by field
     if info.get("partial_model"):
         raise CheckpointError(f"ref_load={str(path)!r} holds LoRA adapters only; pass a full checkpoint")
-    names = ["model"] if len(reference) == 1 else [f"model{i}" for i in range(len(reference))]
-    template = {"state_dict": {name: chunk.sharded_state_dict() for name, chunk in zip(names, reference, strict=True)}}
-    if "lora" in info:  # a full checkpoint of a LoRA run: its base weights (adapters unused)
+    if "lora" in info:  # its weights without the adapters are not the model that run trained
         raise CheckpointError(f"ref_load={str(path)!r} was saved with LoRA; merge it first (merge_lora_to_hf)")
-    loaded = strategy.checkpoint_io.load_checkpoint(path, sharded_state_dict=template)["state_dict"]
-    for name, chunk in zip(names, reference, strict=True):
-        chunk.load_state_dict(loaded[name])
+    strategy.load_weights(path, chunks=reference)

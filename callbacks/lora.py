@@ -133,9 +133,5 @@ def load_weights(strategy, path: str | Path, adapters: bool) -> None:
         raise CheckpointError(
             f"{option}={str(path)!r} {what}; pass a checkpoint saved {'with' if adapters else 'without'} LoRA"
         )
-    keep = strategy._saved_model_keys(info, path)
-    template = {"state_dict": strategy._model_sharded_state_dict(keep)}
-    loaded = strategy.checkpoint_io.load_checkpoint(path, sharded_state_dict=template)["state_dict"]
-    for name, chunk in strategy._checkpoint_chunks().items():
-        chunk.load_state_dict(loaded[name], strict=False)
+    strategy.load_weights(path, keep=strategy._saved_model_keys(info, path))
     rank_zero_info(f"LoRA: {'adapters' if adapters else 'base weights'} loaded from {path}")

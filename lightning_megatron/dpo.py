@@ -68,22 +68,29 @@ def pairs_to_rows(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 def check_pairs(batch: dict[str, Tensor]) -> None:
     """Refuse pairs with an empty response or prompts that differ between chosen and rejected.
     A pair with no label tokens on either side is a filler (streaming data pads uneven shards
-    with them so every rank runs the same steps): it carries no loss and passes."""
-    for index in range(batch["chosen_input_ids"].shape[0]):
-        answers = [(batch[f"{side}_labels"][index] != -100).nonzero() for side in SIDES]
-        if all(a.numel() == 0 for a in answers):
-            continue
-        starts = []
-        for side, answer in zip(SIDES, answers, strict=True):
-            if answer.numel() == 0:
-                raise ValueError(f"DPO pair {index} of the batch has an empty {side} response (no label tokens)")
-            starts.append(int(answer[0]))
-        chosen, rejected = batch["chosen_input_ids"][index], batch["rejected_input_ids"][index]
-        if starts[0] != starts[1] or not torch.equal(chosen[: starts[0]], rejected[: starts[1]]):
-            raise ValueError(
-                f"DPO pair {index} of the batch: chosen and rejected have different prompts (the tokens before "
-                f"the response differ: {starts[0]} vs {starts[1]} tokens); both must answer the same prompt"
-            )
+    with them so every rank runs the same steps): it carries no loss and passes.
+
+    Checked for the whole batch at once (one device sync, not a few per pair)."""
+    answers = {side: batch[f"{side}_labels"] != -100 for side in SIDES}
+    empty = {side: ~answer.any(-1) for side, answer in answers.items()}
+    filler = empty["chosen"] & empty["rejected"]
+    starts = {side: answer.int().argmax(-1) for side, answer in answers.items()}  # first response token
+    chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    prompt = torch.arange(chosen.shape[1], device=chosen.device) < starts["chosen"][:, None]
+    differs = (starts["chosen"] != starts["rejected"]) | ((chosen != rejected) & prompt).any(-1)
+    one_empty = (empty["chosen"] | empty["rejected"]) & ~filler
+    bad = (one_empty | differs) & ~filler
+    if not bool(bad.any()):
+        return
+    index = int(bad.nonzero()[0])
+    for side in SIDES:
+        if bool(empty[side][index]):
+            raise ValueError(f"DPO pair {index} of the batch has an empty {side} response (no label tokens)")
+    first, second = int(starts["chosen"][index]), int(starts["rejected"][index])
+    raise ValueError(
+        f"DPO pair {index} of the batch: chosen and rejected have different prompts (the tokens before "
+        f"the response differ: {first} vs {second} tokens); both must answer the same prompt"
+    )
 
 
 def sequence_logps(per_token_loss: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -441,20 +441,34 @@ class MegatronStrategy(DDPStrategy):
         return self.precision_plugin.post_backward(closure_loss, module)
 
     # --------------------------------------------------------------------------- checkpoints
-    def _checkpoint_chunks(self) -> dict[str, torch.nn.Module]:
-        """The unwrapped chunks by checkpoint name (``model``, or ``model0``, ``model1``... with
-        vpp): checkpoint keys must not depend on the 16-bit/DDP wrappers, which share the
-        parameters of the chunks they wrap."""
-        chunks = self._bare_chunks or self.chunks
+    def _checkpoint_chunks(self, chunks: list[torch.nn.Module] | None = None) -> dict[str, torch.nn.Module]:
+        """The unwrapped chunks (default: the model's) by checkpoint name (``model``, or
+        ``model0``, ``model1``... with vpp): checkpoint keys must not depend on the 16-bit/DDP
+        wrappers, which share the parameters of the chunks they wrap."""
+        if chunks is None:
+            chunks = self._bare_chunks or self.chunks
         if len(chunks) == 1:
             return {"model": chunks[0]}
         return {f"model{i}": chunk for i, chunk in enumerate(chunks)}
 
-    def _model_sharded_state_dict(self, keep: Callable[[str], bool] | None = None) -> dict[str, Any]:
-        states = {name: chunk.sharded_state_dict() for name, chunk in self._checkpoint_chunks().items()}
-        if keep is None:
-            return states
-        return {name: {k: v for k, v in state.items() if keep(v.key)} for name, state in states.items()}
+    def _model_sharded_state_dict(
+        self, keep: Callable[[str], bool] | None = None, chunks: list[torch.nn.Module] | None = None
+    ) -> dict[str, Any]:
+        states = {name: chunk.sharded_state_dict() for name, chunk in self._checkpoint_chunks(chunks).items()}
+        return _kept(states, keep)
+
+    def load_weights(
+        self,
+        path: str | Path,
+        keep: Callable[[str], bool] | None = None,
+        chunks: list[torch.nn.Module] | None = None,
+    ) -> None:
+        """Copy a checkpoint's weights into ``chunks`` (default: the model's) in place, only the
+        tensors ``keep`` accepts when given (weights only: no optimizer, loop or RNG state)."""
+        template = {"state_dict": self._model_sharded_state_dict(keep, chunks)}
+        loaded = self.checkpoint_io.load_checkpoint(path, sharded_state_dict=template)["state_dict"]
+        for name, chunk in self._checkpoint_chunks(chunks).items():
+            chunk.load_state_dict(loaded[name], strict=keep is None)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """This rank's shards of the model (Megatron ``ShardedTensor``s), keyed by chunk; only
@@ -546,7 +560,7 @@ class MegatronStrategy(DDPStrategy):
         model_state = self._model_sharded_state_dict()
         keep = self._saved_model_keys(info, checkpoint_path)
         self._strict_model_load = keep is None
-        template: dict[str, Any] = {"state_dict": self._model_sharded_state_dict(keep) if keep else model_state}
+        template: dict[str, Any] = {"state_dict": _kept(model_state, keep)}
         load_optim = fitting and not (io.finetune or io.no_load_optim) and bool(self.optimizers)
         if load_optim:
             if "lora" in self.checkpoint_info_extras and "lora" not in info:
@@ -677,6 +691,13 @@ class MegatronStrategy(DDPStrategy):
         if self._cpu_mode is not None:
             self._cpu_mode.__exit__(None, None, None)
             self._cpu_mode = None
+
+
+def _kept(states: dict[str, Any], keep: Callable[[str], bool] | None) -> dict[str, Any]:
+    """The chunks' sharded state dicts with only the tensors ``keep`` accepts (all without it)."""
+    if keep is None:
+        return states
+    return {name: {k: v for k, v in state.items() if keep(v.key)} for name, state in states.items()}
 
 
 def _check_same_lora(saved: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:

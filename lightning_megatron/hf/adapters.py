@@ -41,7 +41,14 @@ def _adapter_info(adapters: str | os.PathLike) -> tuple[dict, GPTConfig]:
 
 
 def _scale(lora: dict) -> float:
-    return lora["alpha"] / (lora["r"] ** 0.5 if lora["use_rslora"] else lora["r"])
+    from lightning_megatron.lora import LoRAConfig
+
+    return LoRAConfig(r=lora["r"], alpha=lora["alpha"], use_rslora=lora["use_rslora"]).scale
+
+
+def _saved_keys(table: dict, lora: dict) -> list[str]:
+    """The checkpoint keys of the LoRA run's ``modules_to_save`` (trained whole, saved with the adapters)."""
+    return [k for k in table if any(k.startswith(p) for p in lora.get("modules_to_save", []))]
 
 
 def _lora_pairs(adapters: Path, table: dict, progress: bool) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -95,7 +102,7 @@ def export_peft(
                 targets.add(module.rsplit(".", 1)[-1])
     if not tensors:
         raise ValueError(f"{adapters} has no LoRA tensors for the {config.family} linears")
-    saved = [k for k in table if any(k.startswith(p) for p in lora.get("modules_to_save", []))]
+    saved = _saved_keys(table, lora)
     for key, tensor in _stacked_tensors(adapters, [k for k in saved if not _tied_output(k, config)], progress):
         transform, names = table[key]
         for index, piece in _unstack(key, tensor):
@@ -160,18 +167,17 @@ def lora_updates(adapters: Path, progress: bool = False) -> dict[str, tuple[torc
     info, config = _adapter_info(adapters)
     table, lora = family_table(config.family), info["lora"]
     updates = {base: (a, b, _scale(lora)) for base, a, b in _lora_pairs(adapters, table, progress)}
-    saved = [k for k in table if any(k.startswith(p) for p in lora.get("modules_to_save", []))]
+    saved = _saved_keys(table, lora)
     for key, tensor in _stacked_tensors(adapters, saved, progress):
         updates[key] = (tensor, None, 0.0)
     return updates
 
 
-def apply_update(key: str, tensor: torch.Tensor, update: tuple[torch.Tensor, torch.Tensor | None, float]):
+def apply_update(tensor: torch.Tensor, update: tuple[torch.Tensor, torch.Tensor | None, float]):
     """The merged stacked Megatron tensor: ``W + scale * B @ A`` (or the saved replacement)."""
-    a, b, scale = update
-    if b is None:
-        return a.to(tensor.dtype)
-    return (tensor.float() + scale * (b.float() @ a.float())).to(tensor.dtype)
+    if update[1] is None:
+        return update[0].to(tensor.dtype)
+    return (tensor.float() + _scaled_product(update)).to(tensor.dtype)
 
 
 def _merge_into_hf_dir(adapters, info, config, base, output, dtype, max_shard_size, progress) -> Path:

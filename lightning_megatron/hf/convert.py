@@ -274,7 +274,7 @@ def export_hf(
     for key, tensor in _stacked_tensors(checkpoint, [k for k in table if not _tied_output(k, config)], progress):
         transform, names = table[key]
         if key in updates:
-            tensor = apply_update(key, tensor, updates.pop(key))
+            tensor = apply_update(tensor, updates.pop(key))
         written_dtype = written_dtype or tensor.dtype
         for index, global_tensor in _unstack(key, tensor):
             for name, hf_tensor in zip(names, from_megatron(transform, global_tensor, config), strict=True):
