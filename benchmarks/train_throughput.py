@@ -177,10 +177,33 @@ def profile_step(step: Callable[[], None], device: torch.device, path: Path) -> 
     try:
         sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         lines += ["", prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=80)]
+        # Where the host's time goes (a CPU-bound step is limited by this, not by the kernels).
+        lines += ["", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)]
     except Exception as error:  # the kernel list above is the part that matters
         lines += ["", f"(key_averages table unavailable: {error})"]
+    lines += [
+        "",
+        "host time by Python function (cProfile of another step, top 40 by own time):",
+        _cprofile(step, device),
+    ]
     path.write_text("\n".join(lines) + "\n")
     return result
+
+
+def _cprofile(step: Callable[[], None], device: torch.device) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    sync(device)
+    profiler.enable()
+    step()
+    sync(device)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
+    return out.getvalue()
 
 
 # -------------------------------------------------------------------------------------- data
@@ -297,6 +320,8 @@ def run_bare(
     fused_kernels: bool = True,
     grouped_experts: bool | None = None,
     fused_loss: bool | None = None,
+    stacked_experts: bool | None = None,
+    sorted_dispatch: bool | None = None,
 ) -> tuple[list[float], Callable, Callable]:
     """The Megatron model of the lightning case, stepped by a plain loop (no Lightning)."""
     from megatron.core import parallel_state as ps
@@ -326,11 +351,18 @@ def run_bare(
     kernels = kernel_config_kwargs(device, plugin.params_dtype, fused_kernels)
     kernels = {k: v for k, v in kernels.items() if k not in config.extra}
     tconfig = config.to_transformer_config(**kernels, **plugin.transformer_config_kwargs())
+    def lever(value: bool | None) -> bool:
+        return fused_kernels if value is None else value
+
     model = _GPTModel(
-        fused_loss=fused_kernels if fused_loss is None else fused_loss,
+        fused_loss=lever(fused_loss),
+        sorted_dispatch=lever(sorted_dispatch),
         config=tconfig,
         transformer_layer_spec=block_spec(
-            tconfig, use_te=False, grouped_experts=fused_kernels if grouped_experts is None else grouped_experts
+            tconfig,
+            use_te=False,
+            grouped_experts=lever(grouped_experts),
+            stacked_experts=lever(stacked_experts),
         ),
         vocab_size=config.padded_vocab_size(1),
         max_sequence_length=config.max_position_embeddings,
@@ -535,6 +567,8 @@ def run_job(args: argparse.Namespace) -> None:
                 fused_kernels=variant.get("fused_kernels", True),
                 grouped_experts=variant.get("grouped_experts"),
                 fused_loss=variant.get("fused_loss"),
+                stacked_experts=variant.get("stacked_experts"),
+                sorted_dispatch=variant.get("sorted_dispatch"),
             )
             label = "bare" if name == "default" else f"bare:{name}"
             result = summarize(label, times, tokens_per_step, flops, peak, device) | extra | {"variant": variant}

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_megatron.callbacks.freeze import _global_names
 from lightning_megatron.lora import LoRAConfig, add_lora, collective_device, is_adapter_key
+from lightning_megatron.models.moe import unstack_experts
 
 # Hugging Face names users know for the modules outside the layers.
 _MODULE_ALIASES = {
@@ -83,6 +84,8 @@ class LoRA(L.Callback):
         self, trainer: L.Trainer, module: L.LightningModule, chunks: Sequence[torch.nn.Module]
     ) -> None:
         """Called by MegatronStrategy after ``configure_model``, before the Megatron wrappers."""
+        # Expert adapters wrap one linear per expert: stacked experts go back to per-expert ones.
+        unstack_experts(chunks)
         wrapped = add_lora(chunks, self.config)
         trainable = total = 0
         matched_to_save = set()

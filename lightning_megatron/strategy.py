@@ -42,6 +42,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe.experts import SequentialMLP
 from torch import Tensor
 
 from lightning_megatron import schedule
@@ -50,6 +51,7 @@ from lightning_megatron.cpu import cpu_mode
 from lightning_megatron.lora import is_adapter_key
 from lightning_megatron.models.config import RecomputeConfig
 from lightning_megatron.models.kernels import kernel_config_kwargs, limit_wgrad_fusion
+from lightning_megatron.models.moe import StackedExperts
 from lightning_megatron.models.specs import te_available
 from lightning_megatron.optim import (
     MegatronOptimizer,
@@ -502,7 +504,14 @@ class MegatronStrategy(DDPStrategy):
         return ShardedObject("rng_state", rng_state(), (self.world_size,), (self.global_rank,), replica_id=0)
 
     def _layout(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, **dataclasses.asdict(self.parallel)}
+        layout = {"world_size": self.world_size, **dataclasses.asdict(self.parallel)}
+        # Stacked and per-expert MoE weights sit in a different order in the optimizer's flat
+        # buffers, which a 'dp_reshardable' optimizer state depends on (the weights do not).
+        if any(isinstance(m, StackedExperts) for chunk in self.chunks for m in chunk.modules()):
+            layout["experts"] = "stacked"
+        elif any(isinstance(m, SequentialMLP) for chunk in self.chunks for m in chunk.modules()):
+            layout["experts"] = "per_expert"
+        return layout
 
     def _checkpoint_info(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         from importlib.metadata import version
@@ -592,6 +601,12 @@ class MegatronStrategy(DDPStrategy):
                     f"which loads only under the same model-parallel layout, not {here}. Resume with "
                     "MegatronCheckpointIO(no_load_optim=True) (weights, scheduler and loops still load), "
                     "or save with MegatronCheckpointIO(optim_format='fully_reshardable')"
+                    + (
+                        "; MoE experts are 'stacked' with MegatronStrategy(fused_kernels=True) and "
+                        "'per_expert' without it or with LoRA, so matching that also works"
+                        if model_parallel.get("experts") != here.get("experts")
+                        else ""
+                    )
                 )
             template["optimizer_states"] = [
                 self._optimizer_sharded_state_dict(

@@ -1,4 +1,4 @@
-"""The fast path's kernels (lightning_megatron.models.kernels, GroupedExperts) against plain torch
+"""The fast path's kernels (lightning_megatron.models.kernels) against plain torch
 and against Megatron-Core's own eager path."""
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import torch.nn.functional as F
 from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
 from lightning_megatron.models.kernels import rotary, vocab_parallel_cross_entropy, wgrad_gemm_accum_fp32
 from tests.test_training import CONFIG, Losses, loader, trainer
-
-MOE = dict(num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, moe_shared_expert_intermediate_size=64)
 
 
 def test_cross_entropy_matches_torch_in_value_and_gradient():
@@ -61,33 +59,14 @@ def test_wgrad_accumulates_into_main_grad():
     assert torch.allclose(main_grad, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_fused_path_trains_like_megatron_eager_path(moe):
-    """Our cross entropy and grouped experts (the CPU part of the fast path) against Megatron's
-    own cross entropy and per-expert loop: same losses over a few fp32 steps."""
-    config = GPTConfig.preset("qwen2_moe" if moe else "qwen2", **CONFIG, **(MOE if moe else {}))
+def test_fused_path_trains_like_megatron_eager_path():
+    """Our cross entropy (the CPU part of the dense fast path) against Megatron's own: same
+    losses over a few fp32 steps. The MoE part: tests/test_moe.py."""
+    config = GPTConfig.preset("qwen2", **CONFIG)
     runs = {}
     for fused in (True, False):
         losses = Losses()
         strategy = MegatronStrategy(micro_batch_size=2, fused_kernels=fused)
-        model = GPTModule(config, lr=3e-3)
-        trainer(strategy=strategy, max_steps=4, callbacks=[losses]).fit(model, loader())
-        if moe:
-            experts = model.chunks[0].decoder.layers[0].mlp.experts
-            assert experts.grouped is fused
+        trainer(strategy=strategy, max_steps=4, callbacks=[losses]).fit(GPTModule(config, lr=3e-3), loader())
         runs[fused] = losses.values
     assert runs[True] == pytest.approx(runs[False], abs=2e-5)
-
-
-def test_lora_on_experts_still_trains_the_expert_adapters():
-    """Grouped experts read the expert weights directly; LoRA-wrapped expert linears must run
-    their own forward instead, or their adapters would get no gradient."""
-    from lightning_megatron.callbacks import LoRA
-
-    config = GPTConfig.preset("qwen2_moe", **CONFIG, **MOE)
-    model = GPTModule(config, lr=3e-3)
-    trainer(max_steps=2, callbacks=[LoRA(r=4, target_modules=["linear_fc1", "linear_fc2"])]).fit(model, loader())
-    experts = model.chunks[0].decoder.layers[0].mlp.experts
-    assert experts.grouped and not experts._grouped_supported(torch.zeros(1, CONFIG["hidden_size"]))
-    # B starts at zero (peft's init) and moves only if the adapter is in the forward pass.
-    assert experts.local_experts[0].linear_fc1.lora_B.weight.abs().sum() > 0

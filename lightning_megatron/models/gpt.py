@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_megatron.models.config import GPTConfig
 from lightning_megatron.models.init import init_weights
 from lightning_megatron.models.kernels import vocab_parallel_cross_entropy
+from lightning_megatron.models.moe import use_sorted_dispatch
 from lightning_megatron.models.specs import block_spec
 from lightning_megatron.optim import warmup_decay_lr
 
@@ -118,6 +119,7 @@ class GPTModule(L.LightningModule):
             chunks.append(
                 _GPTModel(
                     fused_loss=strategy.fused_kernels,
+                    sorted_dispatch=strategy.fused_kernels,
                     config=tconfig,
                     transformer_layer_spec=block_spec(tconfig, strategy.use_te, vp_stage, strategy.fused_kernels),
                     vocab_size=self.config.padded_vocab_size(tp),
@@ -294,11 +296,15 @@ class GPTModule(L.LightningModule):
 
 class _GPTModel(GPTModel):
     """Megatron-Core's ``GPTModel``; with ``fused_loss`` its loss is our
-    :func:`~lightning_megatron.models.kernels.vocab_parallel_cross_entropy` (bf16 logits stay bf16)."""
+    :func:`~lightning_megatron.models.kernels.vocab_parallel_cross_entropy` (bf16 logits stay bf16),
+    with ``sorted_dispatch`` its MoE layers route through :func:`~lightning_megatron.models.moe.use_sorted_dispatch`
+    where no token leaves the rank."""
 
-    def __init__(self, *args: Any, fused_loss: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_loss: bool = False, sorted_dispatch: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fused_loss = fused_loss
+        if sorted_dispatch:
+            use_sorted_dispatch(self)
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         if not self.fused_loss:

@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lightning_megatron.models.layers import GroupedExperts, Norm, SDPAttention
+from lightning_megatron.models.moe import StackedExperts, stacked_experts_supported
 
 
 def te_available() -> bool:
@@ -21,13 +22,18 @@ def te_available() -> bool:
 
 
 def block_spec(
-    config: TransformerConfig, use_te: bool, vp_stage: int | None = None, grouped_experts: bool = True
+    config: TransformerConfig,
+    use_te: bool,
+    vp_stage: int | None = None,
+    grouped_experts: bool = True,
+    stacked_experts: bool = True,
 ) -> ModuleSpec:
     """The decoder block for this pipeline stage.
 
-    The local spec uses :class:`SDPAttention`, :class:`Norm` and (``grouped_experts``)
-    :class:`GroupedExperts` instead of mcore's baddbmm attention, its torch-norm wrapper and its
-    loop over experts; with ``use_te`` it is Megatron's TE spec unchanged.
+    The local spec uses :class:`SDPAttention`, :class:`Norm` and (``grouped_experts``) grouped-GEMM
+    experts instead of mcore's baddbmm attention, its torch-norm wrapper and its loop over experts:
+    :class:`StackedExperts` where it applies (and ``stacked_experts``), else :class:`GroupedExperts`.
+    With ``use_te`` it is Megatron's TE spec unchanged.
     """
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
@@ -50,7 +56,10 @@ def block_spec(
         attention.k_layernorm = Norm
     if config.num_moe_experts:
         experts = layer.submodules.mlp.submodules.experts
-        experts.module, experts.params = GroupedExperts, {"grouped": grouped_experts}
+        if grouped_experts and stacked_experts and stacked_experts_supported(config):
+            experts.module = StackedExperts
+        else:
+            experts.module, experts.params = GroupedExperts, {"grouped": grouped_experts}
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,

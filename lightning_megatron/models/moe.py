@@ -1,0 +1,304 @@
+"""The MoE fast path: stacked expert weights and a token dispatcher without host syncs.
+
+Profiled on one H100 (docs/benchmarks.md), Megatron-Core's local MoE layer is bound by the host,
+not the GPU: every expert weight is its own parameter (32 experts x 2 weights x 16 layers = 1,024
+parameters, each with an autograd accumulator, a DDP hook and a gradient add per microbatch), and
+the dispatcher reads the tokens-per-expert counts back to the host in every layer, so the CPU can
+never run ahead of the GPU. Two replacements fix that without changing a checkpoint:
+
+- :class:`StackedExperts` keeps the routed experts as two ``[experts, out, in]`` parameters run by
+  ``torch._grouped_mm``. Its torch_dist checkpoint entries are the per-expert tensors of
+  Megatron's ``SequentialMLP`` (same keys, same global shapes), so checkpoints, HF import/export
+  and layout-independent initialization carry over between the two.
+- :func:`use_sorted_dispatch` gives Megatron's MoE layers a :class:`SortedTokenDispatcher` when no
+  token leaves the rank (tensor x expert parallel size 1) and routing is dropless: tokens are
+  ordered by expert with a stable sort on the device, and gathered back through the inverse order
+  (gathers instead of atomic scatter-adds).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+from torch import Tensor
+
+_EXTRA_STATE = "sequential_mlp_extra_state."
+
+
+def stacked_experts_supported(config: TransformerConfig) -> bool:
+    """Whether :class:`StackedExperts` can stand in for ``SequentialMLP`` under ``config``."""
+    return (
+        bool(config.num_moe_experts)
+        and hasattr(torch, "_grouped_mm")
+        and config.gated_linear_unit
+        and config.activation_func is F.silu
+        and not config.add_bias_linear
+        and (config.expert_tensor_parallel_size or 1) == 1
+        and not (config.fp8 or config.fp4)
+        and not config.moe_apply_probs_on_input
+        and config.activation_func_clamp_value is None
+        and config.glu_linear_offset == 0
+        and config.moe_latent_size is None
+    )
+
+
+def grouped_mm_supported(x: Tensor) -> bool:
+    """``torch._grouped_mm`` runs bf16 on CUDA sm90+, and on CPU."""
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu"
+
+
+class StackedExperts(MegatronModule):
+    """Routed SwiGLU experts as two stacked weights: ``fc1_weight [experts, 2 * ffn, hidden]``
+    (gate rows, then up rows, as in each ``SequentialMLP`` expert's ``linear_fc1``) and
+    ``fc2_weight [experts, hidden, ffn]``, with expert-tensor-parallel size 1.
+
+    One parameter per weight kind means one gradient and one DDP hook per layer instead of one per
+    expert, and no per-forward stacking. Same forward contract as Megatron's expert modules:
+    tokens sorted by expert, their counts per expert, and their routing probabilities.
+    """
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, submodules=None, pg_collection=None):
+        super().__init__(config=config)
+        if not stacked_experts_supported(config):
+            raise ValueError(
+                "StackedExperts needs bias-free SwiGLU experts with expert_tensor_parallel_size 1 and "
+                "no fp8/fp4; build the model with fused_kernels=False for other expert layouts"
+            )
+        self.num_local_experts = num_local_experts
+        self.submodules = submodules  # kept so LoRA can rebuild per-expert linears (unstack)
+        self.pg_collection = pg_collection
+        self.ep_group, self.dp_group = pg_collection.ep, pg_collection.expt_dp
+        ffn, hidden = config.moe_ffn_hidden_size, config.hidden_size
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        empty = dict(dtype=config.params_dtype, device=device)
+        self.fc1_weight = torch.nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden, **empty))
+        self.fc2_weight = torch.nn.Parameter(torch.empty(num_local_experts, hidden, ffn, **empty))
+        for weight, init, out_dim in (
+            (self.fc1_weight, config.init_method, 1),
+            (self.fc2_weight, config.output_layer_init_method, 1),
+        ):
+            if config.perform_initialization:
+                with torch.no_grad():
+                    for expert in weight:
+                        init(expert)
+            # As Megatron marks its expert linears: split over expert-TP (size 1 here), and
+            # reduced over the expert-data-parallel group when experts are split over EP ranks.
+            set_tensor_model_parallel_attributes(weight, True, out_dim, 1)
+            weight.allreduce = config.expert_model_parallel_size == 1
+        self.register_load_state_dict_post_hook(self._drop_extra_states)
+
+    def forward(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor) -> tuple[Tensor, None]:
+        if not grouped_mm_supported(hidden):
+            return self._loop(hidden, tokens_per_expert, probs), None
+        # Exclusive ends of each expert's rows; they stay on the device (no host sync).
+        offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
+        intermediate = torch._grouped_mm(hidden, self.fc1_weight.transpose(1, 2), offs=offsets)
+        intermediate = self._swiglu(intermediate, probs.unsqueeze(-1), hidden.dtype)
+        return torch._grouped_mm(intermediate, self.fc2_weight.transpose(1, 2), offs=offsets), None
+
+    def _swiglu(self, intermediate: Tensor, probs: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.config.bias_activation_fusion:
+            return weighted_bias_swiglu_impl(intermediate, None, probs)
+        gate, up = torch.chunk(intermediate, 2, dim=-1)
+        return (F.silu(gate) * up * probs).to(dtype)
+
+    def _loop(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor) -> Tensor:
+        # Devices without grouped GEMMs (CUDA before Hopper, fp16/fp32 on CUDA): one GEMM pair per expert.
+        outputs = []
+        counts = tokens_per_expert.tolist()
+        for expert, (x, p) in enumerate(zip(hidden.split(counts), probs.split(counts), strict=True)):
+            intermediate = self._swiglu(x @ self.fc1_weight[expert].t(), p.unsqueeze(-1), hidden.dtype)
+            outputs.append(intermediate @ self.fc2_weight[expert].t())
+        return torch.cat(outputs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """``SequentialMLP``'s entries: one ``experts.linear_fc{1,2}.weight`` tensor per expert along
+        a prepended expert axis, built as views of the stacked weights (a factory, so the
+        distributed optimizer's states of the stacked parameter map the same way)."""
+        if (metadata or {}).get("singleton_local_shards"):
+            raise NotImplementedError("StackedExperts does not write singleton_local_shards checkpoints")
+        first = self.ep_group.rank() * self.num_local_experts
+        num_global = self.ep_group.size() * self.num_local_experts
+        replica_id = (0, 0, self.dp_group.rank())
+        expert_axis = len(sharded_offsets)
+
+        def build(key: str, stacked: Tensor, replica_id, flattened_range):
+            if flattened_range is not None:
+                raise NotImplementedError("flattened optimizer states of stacked experts are not supported")
+            return [
+                ShardedTensor.from_rank_offsets(
+                    key,
+                    stacked[i],
+                    *sharded_offsets,
+                    (expert_axis, first + i, num_global),
+                    replica_id=replica_id,
+                    prepend_axis_num=expert_axis + 1,
+                )
+                for i in range(self.num_local_experts)
+            ]
+
+        def merge(loaded: list[Tensor]) -> Tensor:
+            return torch.stack(loaded)
+
+        # The checkpoint key SequentialMLP writes its experts under: it replaces
+        # "...mlp.experts.local_experts.N." by "...mlp.experts.experts.".
+        state = {
+            f"{prefix}{name}_weight": ShardedTensorFactory(
+                f"{prefix}experts.linear_{name}.weight", getattr(self, f"{name}_weight"), build, merge, replica_id
+            )
+            for name in ("fc1", "fc2")
+        }
+        # SequentialMLP's linears also write an (empty) extra state per expert; a checkpoint must
+        # have them to load into SequentialMLP experts.
+        for i in range(self.num_local_experts):
+            offsets = (*sharded_offsets, (expert_axis, first + i, num_global))
+            for linear in ("linear_fc1", "linear_fc2"):
+                state[f"{prefix}{_EXTRA_STATE}{first + i}.{linear}"] = make_sharded_object_for_checkpoint(
+                    None, f"{prefix}experts.{linear}._extra_state", offsets, replica_id
+                )
+        return state
+
+    def _drop_extra_states(self, module, incompatible_keys) -> None:
+        # The empty extra states written for SequentialMLP (above) have no tensor to load into.
+        unexpected = incompatible_keys.unexpected_keys
+        unexpected[:] = [key for key in unexpected if _EXTRA_STATE not in key]
+
+    def unstacked(self):
+        """The same experts as a per-expert module (``GroupedExperts``) with these weights, for
+        code that needs one linear per expert (LoRA adapters on experts)."""
+        from lightning_megatron.models.layers import GroupedExperts
+
+        experts = GroupedExperts(self.num_local_experts, self.config, self.submodules, self.pg_collection)
+        experts.to(self.fc1_weight.device)
+        with torch.no_grad():
+            for i, expert in enumerate(experts.local_experts):
+                expert.linear_fc1.weight.copy_(self.fc1_weight[i])
+                expert.linear_fc2.weight.copy_(self.fc2_weight[i])
+        return experts
+
+
+class _ExpandRows(torch.autograd.Function):
+    """``x[rows_token]`` (each token copied to its k rows); backward sums each token's k rows,
+    read in token order through ``token_rows`` (a gather and a sum, instead of atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rows_token: Tensor, token_rows: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(rows_token, token_rows)
+        ctx.k = k
+        return x.index_select(0, rows_token)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows_token, token_rows = ctx.saved_tensors
+        return _sum_rows(grad, token_rows, ctx.k), None, None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """The inverse of :class:`_ExpandRows`: each token's k expert rows summed."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, rows_token: Tensor, token_rows: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(rows_token)
+        return _sum_rows(y, token_rows, k)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rows_token,) = ctx.saved_tensors
+        return grad.index_select(0, rows_token), None, None, None
+
+
+def _sum_rows(rows: Tensor, token_rows: Tensor, k: int) -> Tensor:
+    # One rounding per token (the sum accumulates in fp32), where scatter-adds round k times.
+    return rows.index_select(0, token_rows).view(-1, k, rows.shape[-1]).sum(1)
+
+
+class SortedTokenDispatcher(MoEAllGatherTokenDispatcher):
+    """Megatron's all-gather dispatcher for the case where it gathers nothing (TP x EP size 1),
+    without its host syncs: every token has exactly ``topk`` experts, so the number of expert
+    rows is known and the permutation is computed on the device.
+
+    Rows are ordered as Megatron's ``permute`` orders them (by expert, then by token), so the
+    experts see the same inputs; the combine sums each token's rows in one pass. With a padding
+    mask (tokens routed nowhere) it is Megatron's all-gather dispatcher.
+    """
+
+    topk_per_token = True  # False while a padding mask drops tokens (see use_sorted_dispatch)
+    rows_token: Tensor | None = None
+
+    def dispatch_postprocess(self, hidden_states: Tensor, probs: Tensor):
+        if not self.topk_per_token:
+            return super().dispatch_postprocess(hidden_states, probs)
+        routing_map = self.routing_map  # [tokens, experts], exactly topk True per row
+        tokens, k = routing_map.shape[0], self.router_topk
+        self.hidden_shape_before_permute = hidden_states.shape
+        expert_major = routing_map.t().reshape(-1)
+        # Stable descending sort of the 0/1 map: the True entries first, in (expert, token) order.
+        rows = torch.sort(expert_major.to(torch.uint8), descending=True, stable=True).indices[: tokens * k]
+        self.rows_token = rows % tokens
+        self.token_rows = torch.sort(self.rows_token, stable=True).indices
+        tokens_per_expert = routing_map.sum(dim=0)
+        permuted_probs = probs.t().reshape(-1).index_select(0, rows)
+        permuted = _ExpandRows.apply(hidden_states, self.rows_token, self.token_rows, k)
+        self.routing_map = None
+        return permuted, tokens_per_expert, permuted_probs
+
+    def combine_preprocess(self, hidden_states: Tensor) -> Tensor:
+        if self.rows_token is None:
+            return super().combine_preprocess(hidden_states)
+        out = _SumRows.apply(hidden_states, self.rows_token, self.token_rows, self.router_topk)
+        self.rows_token = self.token_rows = None
+        return out
+
+
+def use_sorted_dispatch(model: torch.nn.Module) -> int:
+    """Give every MoE layer of ``model`` whose tokens never leave the rank (TP x EP size 1) and
+    whose routing is dropless a :class:`SortedTokenDispatcher`; returns how many it changed.
+
+    With nothing to communicate every Megatron dispatcher computes the same permutation, so this
+    changes speed, not results (up to the rounding of the combine's sum).
+    """
+    changed = 0
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer) or isinstance(layer.token_dispatcher, SortedTokenDispatcher):
+            continue
+        config, dispatcher = layer.config, layer.token_dispatcher
+        local = dispatcher.tp_size * dispatcher.ep_size == 1
+        dropless = config.moe_expert_capacity_factor is None and not config.moe_pad_expert_input_to_capacity
+        if not (local and dropless) or config.moe_shared_expert_overlap:
+            continue
+        groups = SimpleNamespace(ep=dispatcher.ep_group, expt_tp=dispatcher.tp_group, tp_ep=dispatcher.tp_ep_group)
+        layer.token_dispatcher = SortedTokenDispatcher(
+            layer.num_local_experts, layer.local_expert_indices, config, groups
+        )
+        layer.register_forward_pre_hook(_note_padding_mask, with_kwargs=True)
+        changed += 1
+    return changed
+
+
+def _note_padding_mask(layer: MoELayer, args: tuple, kwargs: dict) -> None:
+    # A padding mask removes tokens from the routing map (fewer than topk rows per token).
+    layer.token_dispatcher.topk_per_token = kwargs.get("padding_mask") is None
+
+
+def unstack_experts(chunks) -> int:
+    """Replace every :class:`StackedExperts` in ``chunks`` by its per-expert equivalent (same
+    weights); returns how many. LoRA calls this: expert adapters wrap one linear per expert."""
+    changed = 0
+    for chunk in chunks:
+        for layer in chunk.modules():
+            if isinstance(layer, MoELayer) and isinstance(layer.experts, StackedExperts):
+                layer.experts = layer.experts.unstacked()
+                changed += 1
+    return changed
