@@ -150,3 +150,43 @@ def test_lora_and_dpo_bf16_on_gpu(tmp_path):
     merged = trainer([]).predict(module, rows_loader())[0]
     assert (merged - unmerged).abs().max().item() < 0.1 * unmerged.abs().max().item()
     assert (merged.argmax(-1) == unmerged.argmax(-1)).float().mean() > 0.95
+
+
+def test_moe_fast_path_bf16_matches_per_expert_path_without_host_syncs():
+    """Stacked experts + sorted dispatcher (the default) against Megatron's per-expert experts and
+    dispatcher (fused_kernels=False) in bf16 on the GPU, and the MoE layer's forward and backward
+    run without a single device-to-host sync."""
+    from tests.test_moe import MOE, experts_of
+    from tests.test_training import CONFIG, loader
+
+    class NoHostSync(L.Callback):
+        def on_train_end(self, trainer, module):
+            mlp = experts_of(module)
+            x = torch.randn(64, 2, CONFIG["hidden_size"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out, _ = mlp(x)
+                out.float().square().sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    runs = {}
+    for fused in (True, False):
+        losses = Losses()
+        trainer = L.Trainer(
+            strategy=MegatronStrategy(micro_batch_size=2, fused_kernels=fused),
+            accelerator="gpu",
+            devices=1,
+            precision="bf16-mixed",
+            max_steps=6,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            callbacks=[losses, *([NoHostSync()] if fused else [])],
+        )
+        config = GPTConfig.preset("qwen2_moe", **CONFIG, **MOE)
+        trainer.fit(GPTModule(config, lr=3e-3), loader())
+        runs[fused] = losses.values
+    print(f"\nstacked+sorted {runs[True]}\nper-expert     {runs[False]}")
+    assert runs[True] == pytest.approx(runs[False], abs=3e-2)
