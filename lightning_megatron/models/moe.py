@@ -18,6 +18,7 @@ never run ahead of the GPU. Two replacements fix that without changing a checkpo
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -55,8 +56,13 @@ def stacked_experts_supported(config: TransformerConfig) -> bool:
 def grouped_mm_supported(x: Tensor) -> bool:
     """``torch._grouped_mm`` runs bf16 on CUDA sm90+, and on CPU."""
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        return x.dtype == torch.bfloat16 and _cuda_major(x.device.index) >= 9
     return x.device.type == "cpu"
+
+
+@functools.cache
+def _cuda_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 class StackedExperts(MegatronModule):
@@ -241,15 +247,25 @@ class SortedTokenDispatcher(MoEAllGatherTokenDispatcher):
         if not self.topk_per_token:
             return super().dispatch_postprocess(hidden_states, probs)
         routing_map = self.routing_map  # [tokens, experts], exactly topk True per row
-        tokens, k = routing_map.shape[0], self.router_topk
+        tokens, experts = routing_map.shape
+        k = self.router_topk
+        rows = tokens * k
         self.hidden_shape_before_permute = hidden_states.shape
+        # Megatron's row order: by expert, then by token. A True entry's row is its rank in the
+        # expert-major map; False entries are scattered to a dump slot (rows) that is cut off.
+        # Scatters and cumsums only: no sort, no host sync.
         expert_major = routing_map.t().reshape(-1)
-        # Stable descending sort of the 0/1 map: the True entries first, in (expert, token) order.
-        rows = torch.sort(expert_major.to(torch.uint8), descending=True, stable=True).indices[: tokens * k]
-        self.rows_token = rows % tokens
-        self.token_rows = torch.sort(self.rows_token, stable=True).indices
+        dest = torch.where(expert_major, expert_major.cumsum(0) - 1, rows)
+        position = torch.arange(tokens * experts, device=dest.device)
+        dump = torch.empty(rows + 1, dtype=torch.long, device=dest.device)
+        self.rows_token = dump.scatter(0, dest, position % tokens)[:rows]
+        rows_expert = dump.scatter(0, dest, position // tokens)[:rows]
+        permuted_probs = probs.new_zeros(rows + 1).scatter(0, dest, probs.t().reshape(-1))[:rows]
+        # Each token's rows in token order (its experts ascending): slot token * k + j.
+        nth_expert_of_token = (routing_map.cumsum(1) - 1).reshape(-1)
+        slot = self.rows_token * k + nth_expert_of_token[self.rows_token * experts + rows_expert]
+        self.token_rows = torch.empty_like(slot).scatter_(0, slot, torch.arange(rows, device=slot.device))
         tokens_per_expert = routing_map.sum(dim=0)
-        permuted_probs = probs.t().reshape(-1).index_select(0, rows)
         permuted = _ExpandRows.apply(hidden_states, self.rows_token, self.token_rows, k)
         self.routing_map = None
         return permuted, tokens_per_expert, permuted_probs

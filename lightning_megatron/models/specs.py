@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -17,6 +18,7 @@ from lightning_megatron.models.layers import GroupedExperts, Norm, SDPAttention
 from lightning_megatron.models.moe import StackedExperts, stacked_experts_supported
 
 
+@functools.cache
 def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
