@@ -27,6 +27,22 @@ ONE_B = dict(
 )
 
 
+def gpu_trainer(steps: int, callbacks: list, strategy: MegatronStrategy | None = None, **kwargs) -> L.Trainer:
+    """One GPU, bf16-mixed, no logger or progress bar, checkpointing off unless asked for."""
+    return L.Trainer(
+        strategy=strategy or MegatronStrategy(micro_batch_size=2),
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
 def test_bf16_one_billion_tp1_trains():
     seq, global_batch, steps = 2048, 8, 12
     torch.manual_seed(0)
@@ -37,17 +53,7 @@ def test_bf16_one_billion_tp1_trains():
 
     config = GPTConfig.preset("llama", **ONE_B)
     model = GPTModule(config, lr=3e-4)
-    trainer = L.Trainer(
-        strategy=MegatronStrategy(micro_batch_size=2),
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[monitor, record],
-    )
+    trainer = gpu_trainer(steps, [monitor, record])
     start = time.perf_counter()
     trainer.fit(model, DataLoader(data, batch_size=global_batch))
     losses = record.values
@@ -93,17 +99,7 @@ def test_gpu_resume_matches_uninterrupted(tmp_path):
             num_query_groups=2,
             ffn_hidden_size=512,
         )
-        trainer = L.Trainer(
-            strategy=MegatronStrategy(micro_batch_size=2),
-            accelerator="gpu",
-            devices=1,
-            precision="bf16-mixed",
-            max_steps=steps,
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=bool(callbacks),
-            callbacks=[record, *callbacks],
-        )
+        trainer = gpu_trainer(steps, [record, *callbacks], enable_checkpointing=bool(callbacks))
         trainer.fit(
             GPTModule(config, lr=1e-3, lr_decay="constant"), DataLoader(data, batch_size=8), ckpt_path=ckpt_path
         )
@@ -128,26 +124,13 @@ def test_lora_and_dpo_bf16_on_gpu(tmp_path):
     hf = make_hf_model("qwen2", tmp_path / "qwen2")
     module = GPTModule.from_hf(hf, lr=1e-2, lr_decay="constant")
 
-    def trainer(callbacks, steps=0):
-        return L.Trainer(
-            strategy=MegatronStrategy(micro_batch_size=2),
-            accelerator="gpu",
-            devices=1,
-            precision="bf16-mixed",
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            callbacks=callbacks,
-        )
-
     record = Losses()
-    trainer([LoRA(r=4, alpha=8, init="random"), DPO(beta=0.1), record], steps=6).fit(module, pairs_loader())
+    gpu_trainer(6, [LoRA(r=4, alpha=8, init="random"), DPO(beta=0.1), record]).fit(module, pairs_loader())
     print(f"\nGPU LoRA+DPO losses: {record.values}")
     assert record.values[-1] < record.values[0]
-    unmerged = trainer([LoRA(r=4, alpha=8, init="random")]).predict(module, rows_loader())[0]
+    unmerged = gpu_trainer(0, [LoRA(r=4, alpha=8, init="random")]).predict(module, rows_loader())[0]
     assert merge_lora(module.chunks) == 16
-    merged = trainer([]).predict(module, rows_loader())[0]
+    merged = gpu_trainer(0, []).predict(module, rows_loader())[0]
     assert (merged - unmerged).abs().max().item() < 0.1 * unmerged.abs().max().item()
     assert (merged.argmax(-1) == unmerged.argmax(-1)).float().mean() > 0.95
 
@@ -174,17 +157,8 @@ def test_moe_fast_path_bf16_matches_per_expert_path_without_host_syncs():
     runs = {}
     for fused in (True, False):
         losses = Losses()
-        trainer = L.Trainer(
-            strategy=MegatronStrategy(micro_batch_size=2, fused_kernels=fused),
-            accelerator="gpu",
-            devices=1,
-            precision="bf16-mixed",
-            max_steps=6,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            callbacks=[losses, *([NoHostSync()] if fused else [])],
-        )
+        callbacks = [losses, *([NoHostSync()] if fused else [])]
+        trainer = gpu_trainer(6, callbacks, MegatronStrategy(micro_batch_size=2, fused_kernels=fused))
         config = GPTConfig.preset("qwen2_moe", **CONFIG, **MOE)
         trainer.fit(GPTModule(config, lr=3e-3), loader())
         runs[fused] = losses.values

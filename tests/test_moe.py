@@ -8,8 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_megatron import CheckpointError, GPTConfig, GPTModule, MegatronStrategy
-from lightning_megatron.models.layers import GroupedExperts
-from lightning_megatron.models.moe import SortedTokenDispatcher, StackedExperts, _ExpandRows, _SumRows
+from lightning_megatron.models.moe import GroupedExperts, SortedTokenDispatcher, StackedExperts, _ExpandRows, _SumRows
 from tests.test_training import CONFIG, Losses, loader, trainer
 
 MOE = dict(num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, moe_shared_expert_intermediate_size=64)

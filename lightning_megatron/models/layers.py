@@ -1,9 +1,9 @@
-"""The layers the local (Transformer-Engine-free) spec swaps in: SDPA attention, a norm, experts.
+"""The layers the local (Transformer-Engine-free) spec swaps in: SDPA attention and a norm
+(its experts: :mod:`lightning_megatron.models.moe`).
 
-Megatron-Core's own local attention materializes the full score matrix (baddbmm + softmax),
-its torch norm wrapper refuses sequence parallelism and its local experts loop over one small
-GEMM per expert. These keep the local spec fast (torch picks flash / cuDNN SDPA kernels on GPU,
-experts run as grouped GEMMs) and let ``sp=True`` work without TE or apex.
+Megatron-Core's own local attention materializes the full score matrix (baddbmm + softmax) and
+its torch norm wrapper refuses sequence parallelism. These keep the local spec fast (torch picks
+flash / cuDNN SDPA kernels on GPU) and let ``sp=True`` work without TE or apex.
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -134,61 +131,3 @@ class Norm:
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
-
-
-class GroupedExperts(SequentialMLP):
-    """Megatron's ``SequentialMLP`` experts (same parameters, checkpoints and HF mapping), run as
-    two ``torch._grouped_mm`` calls over all local experts instead of a Python loop of small GEMMs.
-
-    The per-expert weights are stacked for each forward (a copy of the expert weights, cheap next
-    to the GEMMs); gradients flow back to each expert's own parameter, so Megatron DDP's gradient
-    buffers and the distributed optimizer see the usual parameters. Falls back to the loop where
-    grouped GEMMs are unavailable (CUDA before Hopper or non-bf16 CUDA tensors), with biases,
-    tensor-parallel experts, non-SwiGLU activations or wrapped expert linears (LoRA).
-    """
-
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None, grouped: bool = True) -> None:
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
-        expert_config = self.config
-        self.grouped = (
-            grouped
-            and hasattr(torch, "_grouped_mm")
-            and expert_config.gated_linear_unit
-            and expert_config.activation_func is F.silu
-            and not expert_config.add_bias_linear
-            and self.tp_group.size() == 1
-            and not (expert_config.fp8 or expert_config.fp4)
-            and not expert_config.moe_apply_probs_on_input
-            and expert_config.activation_func_clamp_value is None
-            and expert_config.glu_linear_offset == 0
-        )
-
-    def _grouped_supported(self, hidden: Tensor) -> bool:
-        if not self.grouped or self.num_local_experts == 1:
-            return False
-        # Wrapped expert linears (LoRA swaps in a subclass) must run their own forward.
-        if any(
-            type(e.linear_fc1) is not ColumnParallelLinear or type(e.linear_fc2) is not RowParallelLinear
-            for e in self.local_experts
-        ):
-            return False
-        if hidden.device.type == "cuda":
-            return hidden.dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden.device)[0] >= 9
-        return hidden.device.type == "cpu"
-
-    def forward(self, permuted_local_hidden_states: Tensor, tokens_per_expert: Tensor, permuted_probs: Tensor):
-        hidden = permuted_local_hidden_states
-        if not self._grouped_supported(hidden):
-            return super().forward(hidden, tokens_per_expert, permuted_probs)
-        # Row offsets (exclusive ends) of each expert's tokens; stays on the device, no host sync.
-        offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
-        fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])  # [E, 2f, h]
-        fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])  # [E, h, f]
-        intermediate = torch._grouped_mm(hidden, fc1.transpose(1, 2), offs=offsets)
-        probs = permuted_probs.unsqueeze(-1)
-        if self.config.bias_activation_fusion:
-            intermediate = weighted_bias_swiglu_impl(intermediate, None, probs)
-        else:
-            gate, linear = torch.chunk(intermediate, 2, dim=-1)
-            intermediate = (F.silu(gate) * linear * probs).to(hidden.dtype)
-        return torch._grouped_mm(intermediate, fc2.transpose(1, 2), offs=offsets), None

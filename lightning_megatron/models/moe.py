@@ -11,9 +11,12 @@ never run ahead of the GPU. Two replacements fix that without changing a checkpo
   Megatron's ``SequentialMLP`` (same keys, same global shapes), so checkpoints, HF import/export
   and layout-independent initialization carry over between the two.
 - :func:`use_sorted_dispatch` gives Megatron's MoE layers a :class:`SortedTokenDispatcher` when no
-  token leaves the rank (tensor x expert parallel size 1) and routing is dropless: tokens are
-  ordered by expert with a stable sort on the device, and gathered back through the inverse order
-  (gathers instead of atomic scatter-adds).
+  token leaves the rank (tensor x expert parallel size 1) and routing is dropless: the order by
+  expert comes from cumsums and scatters on the device (no sort, no host sync), and each token's
+  rows are gathered back and summed (instead of atomic scatter-adds).
+
+:class:`GroupedExperts` (Megatron's per-expert ``SequentialMLP``, run as grouped GEMMs) is what the
+spec builds where stacked experts do not apply, and what LoRA turns stacked experts back into.
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -36,19 +44,26 @@ from torch import Tensor
 _EXTRA_STATE = "sequential_mlp_extra_state."
 
 
-def stacked_experts_supported(config: TransformerConfig) -> bool:
-    """Whether :class:`StackedExperts` can stand in for ``SequentialMLP`` under ``config``."""
+def _grouped_swiglu_experts(config: TransformerConfig) -> bool:
+    """Whether the experts are what the grouped-GEMM paths compute: bias-free SwiGLU in 16/32-bit."""
     return (
-        bool(config.num_moe_experts)
-        and hasattr(torch, "_grouped_mm")
+        hasattr(torch, "_grouped_mm")
         and config.gated_linear_unit
         and config.activation_func is F.silu
         and not config.add_bias_linear
-        and (config.expert_tensor_parallel_size or 1) == 1
         and not (config.fp8 or config.fp4)
         and not config.moe_apply_probs_on_input
         and config.activation_func_clamp_value is None
         and config.glu_linear_offset == 0
+    )
+
+
+def stacked_experts_supported(config: TransformerConfig) -> bool:
+    """Whether :class:`StackedExperts` can stand in for ``SequentialMLP`` under ``config``."""
+    return (
+        bool(config.num_moe_experts)
+        and _grouped_swiglu_experts(config)
+        and (config.expert_tensor_parallel_size or 1) == 1
         and config.moe_latent_size is None
     )
 
@@ -63,6 +78,61 @@ def grouped_mm_supported(x: Tensor) -> bool:
 @functools.cache
 def _cuda_major(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
+
+
+def _weighted_swiglu(intermediate: Tensor, probs: Tensor, config: TransformerConfig, dtype: torch.dtype) -> Tensor:
+    # fc1's output is [gate | up]; each row is weighted by its routing probability.
+    if config.bias_activation_fusion:
+        return weighted_bias_swiglu_impl(intermediate, None, probs)
+    gate, up = torch.chunk(intermediate, 2, dim=-1)
+    return (F.silu(gate) * up * probs).to(dtype)
+
+
+def _grouped_experts_forward(
+    hidden: Tensor, fc1: Tensor, fc2: Tensor, tokens_per_expert: Tensor, probs: Tensor, config
+):
+    """Both expert GEMMs over all experts at once: ``fc1 [E, 2f, h]``, ``fc2 [E, h, f]``."""
+    # Exclusive ends of each expert's rows; they stay on the device (no host sync).
+    offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
+    intermediate = torch._grouped_mm(hidden, fc1.transpose(1, 2), offs=offsets)
+    intermediate = _weighted_swiglu(intermediate, probs.unsqueeze(-1), config, hidden.dtype)
+    return torch._grouped_mm(intermediate, fc2.transpose(1, 2), offs=offsets)
+
+
+class GroupedExperts(SequentialMLP):
+    """Megatron's ``SequentialMLP`` experts (same parameters, checkpoints and HF mapping), run as
+    two ``torch._grouped_mm`` calls over all local experts instead of a Python loop of small GEMMs.
+
+    The per-expert weights are stacked for each forward (a copy of the expert weights, cheap next
+    to the GEMMs); gradients flow back to each expert's own parameter, so Megatron DDP's gradient
+    buffers and the distributed optimizer see the usual parameters. Falls back to the loop where
+    grouped GEMMs are unavailable (CUDA before Hopper or non-bf16 CUDA tensors), with biases,
+    tensor-parallel experts, non-SwiGLU activations or wrapped expert linears (LoRA). Where none of
+    that applies, the spec builds :class:`StackedExperts` instead (LoRA comes back here).
+    """
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, grouped: bool = True) -> None:
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        self.grouped = grouped and _grouped_swiglu_experts(self.config) and self.tp_group.size() == 1
+
+    def _grouped_supported(self, hidden: Tensor) -> bool:
+        if not self.grouped or self.num_local_experts == 1:
+            return False
+        # Wrapped expert linears (LoRA swaps in a subclass) must run their own forward.
+        if any(
+            type(e.linear_fc1) is not ColumnParallelLinear or type(e.linear_fc2) is not RowParallelLinear
+            for e in self.local_experts
+        ):
+            return False
+        return grouped_mm_supported(hidden)
+
+    def forward(self, permuted_local_hidden_states: Tensor, tokens_per_expert: Tensor, permuted_probs: Tensor):
+        hidden = permuted_local_hidden_states
+        if not self._grouped_supported(hidden):
+            return super().forward(hidden, tokens_per_expert, permuted_probs)
+        fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])
+        fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])
+        return _grouped_experts_forward(hidden, fc1, fc2, tokens_per_expert, permuted_probs, self.config), None
 
 
 class StackedExperts(MegatronModule):
@@ -91,43 +161,29 @@ class StackedExperts(MegatronModule):
         empty = dict(dtype=config.params_dtype, device=device)
         self.fc1_weight = torch.nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden, **empty))
         self.fc2_weight = torch.nn.Parameter(torch.empty(num_local_experts, hidden, ffn, **empty))
-        for weight, init, out_dim in (
-            (self.fc1_weight, config.init_method, 1),
-            (self.fc2_weight, config.output_layer_init_method, 1),
-        ):
+        for weight, init in ((self.fc1_weight, config.init_method), (self.fc2_weight, config.output_layer_init_method)):
             if config.perform_initialization:
                 with torch.no_grad():
                     for expert in weight:
                         init(expert)
-            # As Megatron marks its expert linears: split over expert-TP (size 1 here), and
-            # reduced over the expert-data-parallel group when experts are split over EP ranks.
-            set_tensor_model_parallel_attributes(weight, True, out_dim, 1)
+            # As Megatron marks its expert linears: split over expert-TP (size 1 here) along the
+            # output dimension, and reduced over the expert-data-parallel group under EP.
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
             weight.allreduce = config.expert_model_parallel_size == 1
         self.register_load_state_dict_post_hook(self._drop_extra_states)
 
     def forward(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor) -> tuple[Tensor, None]:
-        if not grouped_mm_supported(hidden):
-            return self._loop(hidden, tokens_per_expert, probs), None
-        # Exclusive ends of each expert's rows; they stay on the device (no host sync).
-        offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
-        intermediate = torch._grouped_mm(hidden, self.fc1_weight.transpose(1, 2), offs=offsets)
-        intermediate = self._swiglu(intermediate, probs.unsqueeze(-1), hidden.dtype)
-        return torch._grouped_mm(intermediate, self.fc2_weight.transpose(1, 2), offs=offsets), None
-
-    def _swiglu(self, intermediate: Tensor, probs: Tensor, dtype: torch.dtype) -> Tensor:
-        if self.config.bias_activation_fusion:
-            return weighted_bias_swiglu_impl(intermediate, None, probs)
-        gate, up = torch.chunk(intermediate, 2, dim=-1)
-        return (F.silu(gate) * up * probs).to(dtype)
-
-    def _loop(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor) -> Tensor:
+        if grouped_mm_supported(hidden):
+            return _grouped_experts_forward(
+                hidden, self.fc1_weight, self.fc2_weight, tokens_per_expert, probs, self.config
+            ), None
         # Devices without grouped GEMMs (CUDA before Hopper, fp16/fp32 on CUDA): one GEMM pair per expert.
         outputs = []
         counts = tokens_per_expert.tolist()
         for expert, (x, p) in enumerate(zip(hidden.split(counts), probs.split(counts), strict=True)):
-            intermediate = self._swiglu(x @ self.fc1_weight[expert].t(), p.unsqueeze(-1), hidden.dtype)
+            intermediate = _weighted_swiglu(x @ self.fc1_weight[expert].t(), p.unsqueeze(-1), self.config, x.dtype)
             outputs.append(intermediate @ self.fc2_weight[expert].t())
-        return torch.cat(outputs)
+        return torch.cat(outputs), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """``SequentialMLP``'s entries: one ``experts.linear_fc{1,2}.weight`` tensor per expert along
@@ -184,8 +240,6 @@ class StackedExperts(MegatronModule):
     def unstacked(self):
         """The same experts as a per-expert module (``GroupedExperts``) with these weights, for
         code that needs one linear per expert (LoRA adapters on experts)."""
-        from lightning_megatron.models.layers import GroupedExperts
-
         experts = GroupedExperts(self.num_local_experts, self.config, self.submodules, self.pg_collection)
         experts.to(self.fc1_weight.device)
         with torch.no_grad():
@@ -201,13 +255,13 @@ class _ExpandRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, rows_token: Tensor, token_rows: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(rows_token, token_rows)
+        ctx.save_for_backward(token_rows)
         ctx.k = k
         return x.index_select(0, rows_token)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        rows_token, token_rows = ctx.saved_tensors
+        (token_rows,) = ctx.saved_tensors
         return _sum_rows(grad, token_rows, ctx.k), None, None, None
 
 

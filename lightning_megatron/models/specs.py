@@ -14,8 +14,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from lightning_megatron.models.layers import GroupedExperts, Norm, SDPAttention
-from lightning_megatron.models.moe import StackedExperts, stacked_experts_supported
+from lightning_megatron.models.layers import Norm, SDPAttention
+from lightning_megatron.models.moe import GroupedExperts, StackedExperts, stacked_experts_supported
 
 
 @functools.cache
