@@ -504,14 +504,16 @@ class MegatronStrategy(DDPStrategy):
         return ShardedObject("rng_state", rng_state(), (self.world_size,), (self.global_rank,), replica_id=0)
 
     def _layout(self) -> dict[str, Any]:
-        layout = {"world_size": self.world_size, **dataclasses.asdict(self.parallel)}
-        # Stacked and per-expert MoE weights sit in a different order in the optimizer's flat
-        # buffers, which a 'dp_reshardable' optimizer state depends on (the weights do not).
-        if any(isinstance(m, StackedExperts) for chunk in self.chunks for m in chunk.modules()):
-            layout["experts"] = "stacked"
-        elif any(isinstance(m, SequentialMLP) for chunk in self.chunks for m in chunk.modules()):
-            layout["experts"] = "per_expert"
-        return layout
+        return {"world_size": self.world_size, **dataclasses.asdict(self.parallel)}
+
+    def _expert_weights(self) -> str | None:
+        """How MoE expert weights are stored: ``"stacked"`` (the fast path), ``"per_expert"``, or
+        None without experts. Checkpointed weights are the same either way; the order of the
+        parameters in the optimizer's flat buffers is not."""
+        modules = [m for chunk in self.chunks for m in chunk.modules()]
+        if any(isinstance(m, StackedExperts) for m in modules):
+            return "stacked"
+        return "per_expert" if any(isinstance(m, SequentialMLP) for m in modules) else None
 
     def _checkpoint_info(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         from importlib.metadata import version
@@ -537,6 +539,7 @@ class MegatronStrategy(DDPStrategy):
             "consumed_samples": self.consumed_samples,
             "optimizer_parts": self._optimizer_parts(),
             "optimizer_format": self.checkpoint_io.optim_format,
+            "expert_weights": self._expert_weights(),
             "partial_model": self.model_state_filter is not None,
             **self.checkpoint_info_extras,
         }
@@ -601,12 +604,15 @@ class MegatronStrategy(DDPStrategy):
                     f"which loads only under the same model-parallel layout, not {here}. Resume with "
                     "MegatronCheckpointIO(no_load_optim=True) (weights, scheduler and loops still load), "
                     "or save with MegatronCheckpointIO(optim_format='fully_reshardable')"
-                    + (
-                        "; MoE experts are 'stacked' with MegatronStrategy(fused_kernels=True) and "
-                        "'per_expert' without it or with LoRA, so matching that also works"
-                        if model_parallel.get("experts") != here.get("experts")
-                        else ""
-                    )
+                )
+            saved_experts, experts = info.get("expert_weights"), self._expert_weights()
+            if optim_format == "dp_reshardable" and saved_experts is not None and saved_experts != experts:
+                raise CheckpointError(
+                    f"{checkpoint_path} saved its optimizer state as 'dp_reshardable' with {saved_experts} MoE "
+                    f"experts, whose flat optimizer shards do not fit this model's {experts} experts (stacked "
+                    "with MegatronStrategy(fused_kernels=True), per_expert without it or with LoRA). Resume with "
+                    "the same expert layout, with MegatronCheckpointIO(no_load_optim=True) (weights, scheduler "
+                    "and loops still load), or save with MegatronCheckpointIO(optim_format='fully_reshardable')"
                 )
             template["optimizer_states"] = [
                 self._optimizer_sharded_state_dict(

@@ -20,20 +20,12 @@ def test_flops_per_token_match_a_flop_counter():
     """Count the matmul FLOPs of forward + backward of a transformers Llama of the same shape
     (eager attention: full s x s scores, as the formula counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from lightning_megatron.hf import hf_config
 
     config = GPTConfig.preset("llama", **CONFIG)
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.ffn_hidden_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_query_groups,
-            attn_implementation="eager",
-        )
-    )
+    hf = AutoModelForCausalLM.from_config(hf_config(config, torch.float32), attn_implementation="eager")
     batch, seq = 2, 64
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     with FlopCounterMode(display=False) as counter:
