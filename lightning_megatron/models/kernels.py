@@ -31,7 +31,8 @@ def kernel_config_kwargs(
 
     Besides the fused kernels: without expert parallelism, MoE tokens go through Megatron's
     all-gather dispatcher (the same result as all-to-all, with fewer kernels and host syncs:
-    +12% tokens/s on the benchmark's MoE shape).
+    +12% tokens/s on the benchmark's MoE shape). Where TP x EP is 1, the sorted dispatcher of
+    :mod:`lightning_megatron.models.moe` replaces either.
     """
     if not fused or device.type != "cuda":
         return {}
