@@ -203,12 +203,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def check_sources(command: str, data: Any) -> None:
     """Fail before any model is built when a dataset file is missing."""
+    from lightning_megatron.data.indexed import _is_number, indexed_prefix
     from lightning_megatron.data.sft_datamodule import SELF_COGNITION, parse_source
 
     for option, sources in (("--dataset", data.sources), ("--val_dataset", data.get("val_sources") or [])):
         if isinstance(sources, str):
             sources = [sources]
         for source in sources:
+            if command == "pt" and (_is_number(str(source)) or indexed_prefix(source) is not None):
+                continue  # a Megatron --data-path item: a blend weight, or a prefix with its .bin and .idx
             path, _ = parse_source(str(source)) if command != "pt" else (str(source), None)
             if path != SELF_COGNITION and not Path(path).exists():
                 raise UsageError(f"{option} {source}: no such file {path!r} (working directory {Path.cwd()})")

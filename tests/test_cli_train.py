@@ -258,6 +258,21 @@ def test_bad_input_gets_a_clear_error(work, monkeypatch, capsys, argv, message):
     assert code == 2 and message in log, log
 
 
+def test_pretraining_sources_may_be_a_megatron_blend(tmp_path):
+    """pt's --dataset takes Megatron's --data-path form: prefixes of .bin/.idx pairs, with weights."""
+    from jsonargparse import Namespace
+
+    from lightning_megatron.train_cli import UsageError, check_sources
+
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"a{suffix}").write_bytes(b"")
+    prefix = str(tmp_path / "a")
+    check_sources("pt", Namespace(sources=["0.7", prefix, "0.3", f"{prefix}.bin"]))
+    check_sources("pt", Namespace(sources=[prefix]))
+    with pytest.raises(UsageError, match="no such file"):
+        check_sources("pt", Namespace(sources=["0.7", prefix, "0.3", str(tmp_path / "b")]))
+
+
 def test_missing_tokenizer_is_named(work, monkeypatch, capsys):
     (work / "notok.yaml").write_text(yaml.safe_dump({"model": {"config": TINY}}))
     code, log = run_main(["sft", "--config", "notok.yaml", *SELF_COGNITION], work, monkeypatch, capsys)
