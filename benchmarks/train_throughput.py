@@ -15,7 +15,7 @@ Cases, each on the same model shape, sequence length, global batch, random token
 Prints per case tokens/s, model TFLOP/s (``model_flops_per_token``: 6 x matmul parameters + the
 attention term), MFU against a bf16 matmul peak measured in the same run, and peak memory; then
 the ratios. ``--variant name='{"fused_kernels": false}'`` adds bare-loop runs with other kernel
-settings (the levers); ``--profile`` writes a torch-profiler breakdown of one step per case.
+settings (the levers); ``--profile`` writes a torch-profiler breakdown of one step per case and a cProfile of another.
 Results go to ``--out`` as JSON lines (``results.jsonl``), profiles as text.
 """
 
@@ -145,66 +145,86 @@ CATEGORIES = [
 ]
 
 
+class StepProfile:
+    """Profiles two steps: the first under the torch profiler (kernels, ops), the second under
+    cProfile (host time by Python function); ``start``/``stop`` bracket each step."""
+
+    def __init__(self, device: torch.device, path: Path) -> None:
+        self.device, self.path, self.steps_done = device, path, 0
+        self.result: dict[str, Any] = {}
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        sync(self.device)
+        if self.steps_done == 0:
+            cuda = [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
+            self._torch = profile(activities=[ProfilerActivity.CPU, *cuda])
+            self._torch.__enter__()
+        else:
+            import cProfile
+
+            self._host = cProfile.Profile()
+            self._host.enable()
+        self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        sync(self.device)
+        wall = time.perf_counter() - self._start
+        if self.steps_done == 0:
+            self._torch.__exit__(None, None, None)
+            self._lines = self._kernel_report(self._torch, wall)
+        else:
+            import io
+            import pstats
+
+            self._host.disable()
+            out = io.StringIO()
+            pstats.Stats(self._host, stream=out).sort_stats("tottime").print_stats(40)
+            self._lines += ["", "host time by Python function (cProfile of another step, top 40 by own time):"]
+            self.path.write_text("\n".join(self._lines) + "\n" + out.getvalue())
+        self.steps_done += 1
+
+    def _kernel_report(self, prof: Any, wall: float) -> list[str]:
+        kernels: dict[str, float] = {}
+        for event in prof.events():
+            # gpu_user_annotation ranges (e.g. "Optimizer.step#AdamW.step") span kernels counted already.
+            if event.device_type == torch.autograd.DeviceType.CUDA and "#" not in event.name:
+                kernels[event.name] = kernels.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3
+        breakdown: dict[str, float] = {}
+        for name, ms in kernels.items():
+            category = next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+            breakdown[category] = breakdown.get(category, 0.0) + ms
+        busy = sum(kernels.values())
+        self.result = {
+            "wall_ms": wall * 1e3,
+            "kernel_ms": busy,
+            "idle_ms": wall * 1e3 - busy,
+            "breakdown_ms": dict(sorted(breakdown.items(), key=lambda kv: -kv[1])),
+        }
+        lines = [f"wall {wall * 1e3:.1f} ms, GPU kernels {busy:.1f} ms", "", "category ms:"]
+        lines += [f"  {c:26s} {ms:9.1f}  {ms / max(busy, 1e-9):6.1%}" for c, ms in self.result["breakdown_ms"].items()]
+        lines += ["", "top kernels (ms, name):"]
+        lines += [f"  {ms:9.1f}  {name[:160]}" for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:40]]
+        try:
+            sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = prof.key_averages().table
+            lines += ["", table(sort_by=sort_by, row_limit=40, max_name_column_width=80)]
+            # Where the host's time goes (a CPU-bound step is limited by this, not by the kernels).
+            lines += ["", table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)]
+        except Exception as error:  # the kernel list above is the part that matters
+            lines += ["", f"(key_averages table unavailable: {error})"]
+        return lines
+
+
 def profile_step(step: Callable[[], None], device: torch.device, path: Path) -> dict[str, Any]:
-    """One step under the torch profiler; writes the top kernels and returns a breakdown (ms)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
+    """Two more steps, profiled (see ``StepProfile``); returns the kernel breakdown (ms)."""
+    profiler = StepProfile(device, path)
+    for _ in range(2):
+        profiler.start()
         step()
-        sync(device)
-        wall = time.perf_counter() - start
-    kernels: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] = kernels.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3
-    breakdown: dict[str, float] = {}
-    for name, ms in kernels.items():
-        category = next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
-        breakdown[category] = breakdown.get(category, 0.0) + ms
-    busy = sum(kernels.values())
-    result = {
-        "wall_ms": wall * 1e3,
-        "kernel_ms": busy,
-        "idle_ms": wall * 1e3 - busy,
-        "breakdown_ms": dict(sorted(breakdown.items(), key=lambda kv: -kv[1])),
-    }
-    lines = [f"wall {wall * 1e3:.1f} ms, GPU kernels {busy:.1f} ms", "", "category ms:"]
-    lines += [f"  {c:26s} {ms:9.1f}  {ms / max(busy, 1e-9):6.1%}" for c, ms in result["breakdown_ms"].items()]
-    lines += ["", "top kernels (ms, name):"]
-    lines += [f"  {ms:9.1f}  {name[:160]}" for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:40]]
-    try:
-        sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        lines += ["", prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=80)]
-        # Where the host's time goes (a CPU-bound step is limited by this, not by the kernels).
-        lines += ["", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)]
-    except Exception as error:  # the kernel list above is the part that matters
-        lines += ["", f"(key_averages table unavailable: {error})"]
-    lines += [
-        "",
-        "host time by Python function (cProfile of another step, top 40 by own time):",
-        _cprofile(step, device),
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return result
-
-
-def _cprofile(step: Callable[[], None], device: torch.device) -> str:
-    import cProfile
-    import io
-    import pstats
-
-    profiler = cProfile.Profile()
-    sync(device)
-    profiler.enable()
-    step()
-    sync(device)
-    profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
-    return out.getvalue()
+        profiler.stop()
+    return profiler.result
 
 
 # -------------------------------------------------------------------------------------- data
@@ -261,23 +281,36 @@ def timed_steps(step: Callable[[int], None], args, device: torch.device) -> list
 
 
 class StepTimer:
-    """Lightning callback: wall time of each training step (device synchronized)."""
+    """Lightning callback: wall time of each training step (device synchronized); with a
+    ``StepProfile``, the steps after ``timed`` ones are profiled instead."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self._start = device, [], 0.0
+    def __init__(self, device: torch.device, timed: int, profiler: StepProfile | None = None) -> None:
+        self.device, self.timed, self.profiler = device, timed, profiler
+        self.times: list[float] = []
+        self._start = 0.0
 
-    def on_train_batch_start(self, *_: Any) -> None:
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx >= self.timed and self.profiler:
+            return self.profiler.start()
         sync(self.device)
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *_: Any) -> None:
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx >= self.timed and self.profiler:
+            return self.profiler.stop()
         sync(self.device)
         self.times.append(time.perf_counter() - self._start)
         LOSSES.append(outputs["loss"].detach())
 
 
 def run_lightning(
-    config, rows: torch.Tensor, args, device: torch.device, precision: str, callbacks: tuple = ()
+    config,
+    rows: torch.Tensor,
+    args,
+    device: torch.device,
+    precision: str,
+    callbacks: tuple = (),
+    profiler: StepProfile | None = None,
 ) -> list[float]:
     import lightning as L
     from torch.utils.data import DataLoader
@@ -287,8 +320,9 @@ def run_lightning(
     class Timer(StepTimer, L.Callback):
         pass
 
-    timer = Timer(device)
     steps = args.warmup + args.steps
+    timer = Timer(device, steps, profiler)
+    steps += 2 if profiler else 0
     data = [{"input_ids": r, "labels": r} for r in rows[: steps * args.micro_batch_size * args.num_microbatches]]
     trainer = L.Trainer(
         strategy=MegatronStrategy(micro_batch_size=args.micro_batch_size),
@@ -323,6 +357,8 @@ def run_bare(
     fused_loss: bool | None = None,
     stacked_experts: bool | None = None,
     sorted_dispatch: bool | None = None,
+    fused_adam: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> tuple[list[float], Callable, Callable]:
     """The Megatron model of the lightning case, stepped by a plain loop (no Lightning)."""
     from megatron.core import parallel_state as ps
@@ -331,11 +367,13 @@ def run_bare(
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
-    from lightning_megatron.models.gpt import _GPTModel, masked_token_loss, prepare_inputs
+    from lightning_megatron import GPTModule
+    from lightning_megatron.models.gpt import _GPTModel
+    from lightning_megatron.models.graphs import layer_graphs_supported
     from lightning_megatron.models.init import init_weights
     from lightning_megatron.models.kernels import kernel_config_kwargs, limit_wgrad_fusion
     from lightning_megatron.models.specs import block_spec
-    from lightning_megatron.optim import build_megatron_optimizer, optimizer_config_from
+    from lightning_megatron.optim import build_megatron_optimizer, optimizer_config_from, use_fused_adam
     from lightning_megatron.precision import MegatronPrecision
     from lightning_megatron.schedule import split_microbatches
 
@@ -359,6 +397,7 @@ def run_bare(
     model = _GPTModel(
         fused_loss=lever(fused_loss),
         sorted_dispatch=lever(sorted_dispatch),
+        cuda_graphs=lever(cuda_graphs) and layer_graphs_supported(tconfig, device, use_te=False),
         config=tconfig,
         transformer_layer_spec=block_spec(
             tconfig,
@@ -387,15 +426,15 @@ def run_bare(
         clip_grad=0.0,
         **plugin.optimizer_kwargs(),
     )
+    if lever(fused_adam):
+        use_fused_adam(optimizer)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     forward_backward = get_forward_backward_func()
     batch = args.micro_batch_size * args.num_microbatches
 
-    def forward_step(data_iterator, model):
-        inputs = prepare_inputs(next(data_iterator))
-        output = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], labels=inputs["labels"])
-        return output, lambda out: masked_token_loss(inputs["loss_mask"], out)
+    # The Lightning case's own forward step (a module that is never attached to a Trainer).
+    forward_step = GPTModule(config, lr=LR).forward_step
 
     def step(index: int) -> None:
         ids = rows[index * batch : (index + 1) * batch].to(device, non_blocking=True)
@@ -477,7 +516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra bare-loop runs, e.g. eager='{\"fused_kernels\": false}' or "
         'fp32ce=\'{"extra": {"cross_entropy_loss_fusion": false}}\'',
     )
-    parser.add_argument("--profile", action="store_true", help="profile one extra step of hf and bare")
+    parser.add_argument("--profile", action="store_true", help="profile two extra steps of each case")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and sequence (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -542,7 +581,7 @@ def run_job(args: argparse.Namespace) -> None:
     base = shape_config(shape, args.tiny, args.seq)
     tokens_per_step = args.micro_batch_size * args.num_microbatches * args.seq
     flops = model_flops_per_token(base, args.seq)
-    steps = args.warmup + args.steps + (1 if args.profile else 0)
+    steps = args.warmup + args.steps + (2 if args.profile else 0)
     rows = random_rows(base.vocab_size, steps * args.micro_batch_size * args.num_microbatches, args.seq)
     extra = dict(shape=shape, seq=args.seq, tokens_per_step=tokens_per_step, flops_per_token=flops)
     profile_path = args.out / f"profile_{shape}_{case}.txt"
@@ -553,8 +592,11 @@ def run_job(args: argparse.Namespace) -> None:
         if args.profile:
             result["profile"] = profile_step(one_step, device, profile_path)
     elif case == "lightning":
-        times = run_lightning(base, rows, args, device, precision)
+        profiler = StepProfile(device, profile_path) if args.profile else None
+        times = run_lightning(base, rows, args, device, precision, profiler=profiler)
         result = summarize("lightning", times, tokens_per_step, flops, peak, device) | extra
+        if profiler:
+            result["profile"] = profiler.result
     else:
         config = dataclasses.replace(base, extra={**base.extra, **variant.get("extra", {})})
         set_sdpa_backends(variant.get("sdpa"))
@@ -571,6 +613,8 @@ def run_job(args: argparse.Namespace) -> None:
                 fused_loss=variant.get("fused_loss"),
                 stacked_experts=variant.get("stacked_experts"),
                 sorted_dispatch=variant.get("sorted_dispatch"),
+                fused_adam=variant.get("fused_adam"),
+                cuda_graphs=variant.get("cuda_graphs"),
             )
             label = "bare" if name == "default" else f"bare:{name}"
             result = summarize(label, times, tokens_per_step, flops, peak, device) | extra | {"variant": variant}

@@ -50,6 +50,7 @@ from lightning_megatron.checkpoint import FORMAT, CheckpointError, MegatronCheck
 from lightning_megatron.cpu import cpu_mode
 from lightning_megatron.lora import is_adapter_key
 from lightning_megatron.models.config import RecomputeConfig
+from lightning_megatron.models.graphs import layer_graphs_supported
 from lightning_megatron.models.kernels import kernel_config_kwargs, limit_wgrad_fusion
 from lightning_megatron.models.moe import StackedExperts
 from lightning_megatron.models.specs import te_available
@@ -78,9 +79,15 @@ class MegatronStrategy(DDPStrategy):
         fp8: ``"hybrid"`` or ``"e4m3"`` FP8 training; needs Transformer Engine.
         use_te: use Transformer Engine layers; default: when importable and on GPU.
         fused_kernels: the fast path without TE or apex (see ``lightning_megatron.models.kernels``):
-            a cross entropy that keeps the logits in bf16 and MoE experts as grouped GEMMs on any
-            device; on GPU also compiled RoPE and SwiGLU, weight gradients accumulated into the
-            fp32 main grads by the GEMM and, with ``ep=1``, the all-gather MoE token dispatcher.
+            a cross entropy that keeps the logits in bf16, MoE experts as grouped GEMMs and a
+            sync-free MoE token dispatcher on any device; on GPU also compiled RoPE and SwiGLU,
+            weight gradients accumulated into the fp32 main grads by the GEMM, and torch's fused
+            AdamW kernel.
+        cuda_graphs: train each transformer layer as a CUDA graph (forward and backward captured on
+            the first step; see ``lightning_megatron.models.graphs``), which takes the host's
+            kernel launches out of the step. Default: with ``fused_kernels`` wherever it applies
+            (CUDA, no TE, tp = pp = cp = ep = 1, no recompute or dropout); ``True`` raises where
+            it does not.
             ``False`` runs Megatron's plain eager ops (debugging, comparison);
             ``GPTConfig(extra={...})`` overrides single ``TransformerConfig`` fields.
         seed: model-parallel RNG seed (dropout); default: ``seed_everything``'s seed or 1234.
@@ -114,6 +121,7 @@ class MegatronStrategy(DDPStrategy):
         fp8: Literal["hybrid", "e4m3"] | None = None,
         use_te: bool | None = None,
         fused_kernels: bool = True,
+        cuda_graphs: bool | None = None,
         seed: int | None = None,
         ddp_config: dict[str, Any] | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -132,6 +140,7 @@ class MegatronStrategy(DDPStrategy):
         self.fp8 = fp8
         self._use_te = use_te
         self.fused_kernels = fused_kernels
+        self.cuda_graphs = cuda_graphs
         self.seed = seed
         self.ddp_config_overrides = dict(ddp_config or {})
         self._cpu_mode: contextlib.AbstractContextManager | None = None
@@ -245,6 +254,20 @@ class MegatronStrategy(DDPStrategy):
         return kernel_config_kwargs(
             self.root_device, self.precision.params_dtype, self.fused_kernels, expert_parallel=self.parallel.ep
         )
+
+    def use_cuda_graphs(self, transformer_config: Any) -> bool:
+        """Whether model chunks built with ``transformer_config`` train as CUDA graphs."""
+        wanted = self.fused_kernels if self.cuda_graphs is None else self.cuda_graphs
+        if not wanted:
+            return False
+        supported = layer_graphs_supported(transformer_config, self.root_device, self.use_te)
+        if self.cuda_graphs and not supported:
+            raise ValueError(
+                "MegatronStrategy(cuda_graphs=True) needs a CUDA device, no Transformer Engine layers, "
+                f"tp = pp = cp = ep = 1 (have {self.parallel}), no recompute and no dropout; "
+                "set cuda_graphs=None to use graphs only where they apply"
+            )
+        return supported
 
     # ------------------------------------------------------------------------ setup recipe
     def setup_environment(self) -> None:
@@ -375,7 +398,7 @@ class MegatronStrategy(DDPStrategy):
             **self.precision.optimizer_kwargs(),
         )
         megatron_optimizer = build_megatron_optimizer(megatron_config, self.chunks, **overrides)
-        optimizer = MegatronOptimizer(megatron_optimizer, param_groups)
+        optimizer = MegatronOptimizer(megatron_optimizer, param_groups, fused_adam=self.fused_kernels)
         if callable(lr_scheduler) and user_optimizer is None:
             schedulers = [lr_scheduler(optimizer)]
         configs = _configure_schedulers_automatic_opt(schedulers, monitor)

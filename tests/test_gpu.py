@@ -80,15 +80,25 @@ def test_nccl_tp2_and_pp2_match_one_gpu(tmp_path):
 
 def test_gpu_resume_matches_uninterrupted(tmp_path):
     """bf16 on CUDA: 2 steps, save, resume 2 more == 4 uninterrupted (cuBLAS is deterministic
-    for the same shapes; the tolerance only covers atomics in attention backward)."""
+    for the same shapes; the tolerance only covers atomics in attention backward), with the
+    fused AdamW before and after the load."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_megatron.data.text import ByteTokenizer, TokenBlocks, bundled_corpus
 
     data = TokenBlocks.from_text(bundled_corpus()[:40000], ByteTokenizer(), 128)
 
+    class FusedAdam(L.Callback):
+        """The fast path's fused AdamW stays fused, with its step counters on the GPU, after a load."""
+
+        def on_train_end(self, trainer, module):
+            torch_optimizer = trainer.strategy.optimizers[0].megatron.optimizer
+            assert all(group["fused"] and not group["foreach"] for group in torch_optimizer.param_groups)
+            assert {state["step"].device.type for state in torch_optimizer.state.values()} == {"cuda"}
+
     def fit(steps, ckpt_path=None, callbacks=()):
         record = Losses()
+        callbacks = [*callbacks, FusedAdam()]
 
         config = GPTConfig.preset(
             "qwen2",
@@ -99,7 +109,7 @@ def test_gpu_resume_matches_uninterrupted(tmp_path):
             num_query_groups=2,
             ffn_hidden_size=512,
         )
-        trainer = gpu_trainer(steps, [record, *callbacks], enable_checkpointing=bool(callbacks))
+        trainer = gpu_trainer(steps, [record, *callbacks], enable_checkpointing=len(callbacks) > 1)
         trainer.fit(
             GPTModule(config, lr=1e-3, lr_decay="constant"), DataLoader(data, batch_size=8), ckpt_path=ckpt_path
         )
@@ -136,9 +146,9 @@ def test_lora_and_dpo_bf16_on_gpu(tmp_path):
 
 
 def test_moe_fast_path_bf16_matches_per_expert_path_without_host_syncs():
-    """Stacked experts + sorted dispatcher (the default) against Megatron's per-expert experts and
-    dispatcher (fused_kernels=False) in bf16 on the GPU, and the MoE layer's forward and backward
-    run without a single device-to-host sync."""
+    """Stacked experts + sorted dispatcher + fused AdamW (the default) against Megatron's
+    per-expert experts, dispatcher and foreach AdamW (fused_kernels=False) in bf16 on the GPU,
+    and the MoE layer's forward and backward run without a single device-to-host sync."""
     from tests.test_moe import MOE, experts_of
     from tests.test_training import CONFIG, loader
 
@@ -164,3 +174,31 @@ def test_moe_fast_path_bf16_matches_per_expert_path_without_host_syncs():
         runs[fused] = losses.values
     print(f"\nstacked+sorted {runs[True]}\nper-expert     {runs[False]}")
     assert runs[True] == pytest.approx(runs[False], abs=3e-2)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_moe"])
+def test_cuda_graphs_train_like_eager(family):
+    """Transformer layers replayed as CUDA graphs (the default on one GPU) against the same model
+    run eagerly: the same kernels, so the same losses, with Megatron's fused weight-gradient
+    accumulation, the MoE fast path and its auxiliary loss inside the graphs; evaluation and
+    other shapes run eagerly."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from tests.test_moe import MOE
+    from tests.test_training import CONFIG, loader
+
+    moe = MOE | {"moe_aux_loss_coeff": 0.01}
+    config = GPTConfig.preset(family, **CONFIG, **(moe if family == "qwen2_moe" else {}))
+    runs, captured = {}, {}
+    for graphs in (True, False):
+        losses = Losses()
+        strategy = MegatronStrategy(micro_batch_size=2, cuda_graphs=graphs)
+        trainer = gpu_trainer(6, [losses], strategy, val_check_interval=3, limit_val_batches=2)
+        module = GPTModule(config, lr=3e-3)
+        trainer.fit(module, loader(), loader())
+        layers = [m for m in module.modules() if isinstance(m, TransformerLayer)]
+        captured[graphs] = [getattr(getattr(layer, "cuda_graphs", None), "key", None) for layer in layers]
+        runs[graphs] = losses.values
+    print(f"\n{family} graphs {runs[True]}\n{family} eager  {runs[False]}")
+    assert all(captured[True]) and not any(captured[False])
+    assert runs[True] == pytest.approx(runs[False], abs=2e-3)

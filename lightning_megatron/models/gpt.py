@@ -17,6 +17,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from lightning_megatron.models.config import GPTConfig
+from lightning_megatron.models.graphs import use_layer_graphs
 from lightning_megatron.models.init import init_weights
 from lightning_megatron.models.kernels import vocab_parallel_cross_entropy
 from lightning_megatron.models.moe import use_sorted_dispatch
@@ -120,6 +121,7 @@ class GPTModule(L.LightningModule):
                 _GPTModel(
                     fused_loss=strategy.fused_kernels,
                     sorted_dispatch=strategy.fused_kernels,
+                    cuda_graphs=strategy.use_cuda_graphs(tconfig),
                     config=tconfig,
                     transformer_layer_spec=block_spec(tconfig, strategy.use_te, vp_stage, strategy.fused_kernels),
                     vocab_size=self.config.padded_vocab_size(tp),
@@ -172,7 +174,7 @@ class GPTModule(L.LightningModule):
         elsewhere) and the function that reduces it to ``(loss_sum, num_tokens, report)``.
         """
         batch = next(data_iterator)
-        thd = self.thd_packing and "segment_ids" in batch
+        thd = "segment_ids" in batch and self.thd_packing
         if thd and ps.get_pipeline_model_parallel_world_size() > 1 and batch["input_ids"].shape[0] > 1:
             raise ValueError(
                 "packed rows in THD format make one [b*s, 1, h] sequence of each microbatch, but pipeline "
@@ -298,13 +300,23 @@ class _GPTModel(GPTModel):
     """Megatron-Core's ``GPTModel``; with ``fused_loss`` its loss is our
     :func:`~lightning_megatron.models.kernels.vocab_parallel_cross_entropy` (bf16 logits stay bf16),
     with ``sorted_dispatch`` its MoE layers route through :func:`~lightning_megatron.models.moe.use_sorted_dispatch`
-    where no token leaves the rank."""
+    where no token leaves the rank, with ``cuda_graphs`` its transformer layers train as CUDA graphs
+    (:func:`~lightning_megatron.models.graphs.use_layer_graphs`)."""
 
-    def __init__(self, *args: Any, fused_loss: bool = False, sorted_dispatch: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        fused_loss: bool = False,
+        sorted_dispatch: bool = False,
+        cuda_graphs: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.fused_loss = fused_loss
         if sorted_dispatch:
             use_sorted_dispatch(self)
+        if cuda_graphs:
+            use_layer_graphs(self)
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         if not self.fused_loss:

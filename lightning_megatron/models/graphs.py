@@ -1,0 +1,252 @@
+"""CUDA graphs of whole transformer layers (forward and backward), without Transformer Engine.
+
+A transformer layer launches hundreds of small kernels per microbatch, each through Python
+(Megatron's modules, autograd functions, compiled-kernel wrappers). On the MoE benchmark shape the
+host needs more time to launch a step than the GPU needs to run it, so the GPU idles. A CUDA graph
+replays a layer's recorded kernels with one launch; the Python runs once, at capture.
+
+:func:`use_layer_graphs` gives every ``TransformerLayer`` of a model a forward that, on its first
+training call, captures all layers of its block with ``torch.cuda.make_graphed_callables`` (the
+forward graphs in layer order and the backward graphs in reverse, sharing one memory pool), then
+replays them on every call with the same input shape. Everything else runs the layer eagerly:
+evaluation, no-grad calls, other shapes, masks or packed sequences.
+
+What a replay cannot do is run Python, and three things in a layer rely on it; each is handled:
+
+- Megatron's linear layers with weight-gradient fusion add the weight gradient into the fp32
+  ``main_grad`` inside the graph (a fixed address, so replays keep doing it) and mark the
+  parameter with ``grad_added_to_main_grad`` so that Megatron DDP's hook does not add the dummy
+  gradient they return. That mark is Python, so the graphed forward sets it on every call.
+- The capture's warm-up iterations run real backward passes, whose fused weight gradients land in
+  ``main_grad``: those buffers are zeroed after the capture (it happens in the step's first
+  forward, before any backward has written a gradient this step).
+- Parameters must keep their ``requires_grad`` and identity: LoRA, freezing and the per-expert
+  conversion happen before the first training step, and a layer whose trainable set changes
+  after the capture is refused rather than silently given stale gradients.
+
+Requirements (checked by :func:`layer_graphs_supported`): CUDA, no pipeline or context parallelism
+(they keep several microbatches' activations alive, and a graph's buffers hold one), tensor and
+expert parallel size 1 (no collectives inside a layer), no recompute, no dropout, no TE layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+# Keyword arguments a graphed call must leave at None: they change what the layer computes.
+_UNGRAPHED_KWARGS = (
+    "attention_mask",
+    "context",
+    "context_mask",
+    "rotary_pos_cos",
+    "rotary_pos_sin",
+    "rotary_pos_cos_sin",
+    "attention_bias",
+    "inference_context",
+    "packed_seq_params",
+    "sequence_len_offset",
+    "padding_mask",
+    "inference_params",
+)
+
+
+def layer_graphs_supported(config: Any, device: torch.device, use_te: bool) -> bool:
+    """Whether :func:`use_layer_graphs` can apply to a model built with ``config`` on ``device``."""
+    sizes = (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+    )
+    return (
+        device.type == "cuda"
+        and not use_te
+        and sizes == (1, 1, 1, 1)
+        and config.recompute_granularity is None
+        and not config.hidden_dropout
+        and not config.attention_dropout
+        and not config.fp8
+    )
+
+
+def use_layer_graphs(model: torch.nn.Module) -> int:
+    """Graph the transformer layers of every block in ``model`` on first use; returns how many."""
+    count = 0
+    for block in model.modules():
+        if isinstance(block, TransformerBlock) and len(block.layers):
+            graphs = _BlockGraphs(block)
+            for layer in block.layers:
+                layer.forward = graphs.forward_for(layer)
+                layer.cuda_graphs = graphs  # for inspection: graphs.key is set once captured
+            count += len(block.layers)
+    return count
+
+
+class _LayerGraph:
+    """One layer's forward and backward graphs with their static input, output and gradient buffers."""
+
+    def __init__(self, layer: TransformerLayer, eager_forward: Any) -> None:
+        self.layer, self.eager = layer, eager_forward
+        self.params: list[torch.nn.Parameter] = []  # the trainable parameters at capture
+
+    def run_eager(self, hidden_states: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        return self.eager(hidden_states=hidden_states, rotary_pos_emb=rope)[0]
+
+    def gradients(self, output: torch.Tensor, grad_output: torch.Tensor, params: list) -> tuple:
+        return torch.autograd.grad(output, [self.hidden, *params], grad_output, allow_unused=True)
+
+
+class _Replay(torch.autograd.Function):
+    """Replays a captured layer: forward graph in ``forward``, backward graph in ``backward``; the
+    layer's trainable parameters are inputs so that their gradients reach Megatron DDP's hooks."""
+
+    @staticmethod
+    def forward(ctx, graph: _LayerGraph, hidden_states: torch.Tensor, rope: torch.Tensor, *params: torch.Tensor):
+        graph.hidden.copy_(hidden_states)
+        graph.rope.copy_(rope)
+        graph.forward_graph.replay()
+        ctx.graph = graph
+        return graph.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        graph = ctx.graph
+        graph.grad_output.copy_(grad_output)
+        graph.backward_graph.replay()
+        grad_hidden, *grad_params = graph.grads
+        return (None, grad_hidden, None, *grad_params)
+
+
+class _BlockGraphs:
+    """The graphs of one block's layers, captured together on the first graphable call."""
+
+    def __init__(self, block: TransformerBlock) -> None:
+        self.layers = list(block.layers)
+        self.graphs = [_LayerGraph(layer, layer.forward) for layer in self.layers]
+        self.key: tuple | None = None  # (shape, dtype, rope shape, rope dtype) captured for
+        self.fused_weights: list[list[torch.nn.Parameter]] = []
+
+    def forward_for(self, layer: TransformerLayer):
+        index = self.layers.index(layer)
+        graph = self.graphs[index]
+
+        def forward(*args: Any, **kwargs: Any):
+            if args or not self._graphable(layer, kwargs):
+                return graph.eager(*args, **kwargs)
+            hidden_states, rope = kwargs["hidden_states"], kwargs["rotary_pos_emb"]
+            key = (tuple(hidden_states.shape), hidden_states.dtype, tuple(rope.shape), rope.dtype)
+            if self.key is None:
+                self._capture(hidden_states, rope, key)
+            elif key != self.key:  # another shape (a shorter last batch): not worth a second graph
+                return graph.eager(*args, **kwargs)
+            params = [p for p in layer.parameters() if p.requires_grad]
+            if len(params) != len(graph.params) or any(a is not b for a, b in zip(params, graph.params, strict=True)):
+                raise RuntimeError(
+                    f"transformer layer {index}'s trainable parameters changed after its CUDA graph was "
+                    "captured; freeze or add adapters before the first training step, or build the "
+                    "strategy with MegatronStrategy(cuda_graphs=False)"
+                )
+            for weight in self.fused_weights[index]:
+                weight.grad_added_to_main_grad = True
+            return _Replay.apply(graph, hidden_states, rope, *params), kwargs.get("context")
+
+        return forward
+
+    @staticmethod
+    def _graphable(layer: TransformerLayer, kwargs: dict[str, Any]) -> bool:
+        hidden_states, rope = kwargs.get("hidden_states"), kwargs.get("rotary_pos_emb")
+        return (
+            layer.training
+            and torch.is_grad_enabled()
+            and isinstance(hidden_states, torch.Tensor)
+            and hidden_states.is_cuda
+            and hidden_states.requires_grad
+            and isinstance(rope, torch.Tensor)
+            and all(kwargs.get(name) is None for name in _UNGRAPHED_KWARGS)
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def _capture(self, hidden_states: torch.Tensor, rope: torch.Tensor, key: tuple, warmup: int = 2) -> None:
+        """Capture every layer's forward (in order) and backward (in reverse) into one memory pool.
+
+        The graphs are recorded through stand-in parameters that share the real ones' storage:
+        recording a backward through the real parameters would run their gradient accumulators,
+        which Megatron DDP created (and holds) on the default stream, and a capture may not touch
+        the default stream. At replay the real parameters are ``_Replay``'s inputs instead.
+        """
+        for graph in self.graphs:
+            graph.hidden = torch.randn_like(hidden_states).requires_grad_(True)
+            graph.rope = rope.detach().clone()
+        with _stand_in_parameters(self.layers) as stand_ins:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiled kernels, cuBLAS/cuDNN plans, lazy state
+                for graph, params in zip(self.graphs, stand_ins, strict=True):
+                    for _ in range(warmup):
+                        output = graph.run_eager(graph.hidden, graph.rope)
+                        graph.gradients(output, torch.ones_like(output), params)
+                    del output
+            torch.cuda.current_stream().wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            for graph in self.graphs:
+                graph.forward_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph.forward_graph, pool=pool):
+                    graph.output = graph.run_eager(graph.hidden, graph.rope)
+            for graph, params in zip(reversed(self.graphs), reversed(stand_ins), strict=True):
+                graph.backward_graph = torch.cuda.CUDAGraph()
+                graph.grad_output = torch.empty_like(graph.output)
+                with torch.cuda.graph(graph.backward_graph, pool=pool):
+                    grads = graph.gradients(graph.output, graph.grad_output, params)
+                # A parameter the layer did not use gets no gradient (None), as in eager autograd.
+                graph.grads = grads
+        self.key = key
+        for graph in self.graphs:
+            graph.params = [p for p in graph.layer.parameters() if p.requires_grad]
+        self.fused_weights = [_fused_wgrad_weights(layer) for layer in self.layers]
+        # The warm-up backward passes accumulated fused weight gradients into main_grad.
+        for layer in self.layers:
+            for param in layer.parameters():
+                if getattr(param, "main_grad", None) is not None:
+                    param.main_grad.zero_()
+
+
+@contextlib.contextmanager
+def _stand_in_parameters(layers: list[TransformerLayer]):
+    """Swap each layer's trainable parameters for new leaves on the same storage (with the same
+    attributes, ``main_grad`` included) for the duration; yields them per layer, in the order
+    of the layer's ``parameters()``."""
+    swapped, per_layer = [], []
+    for layer in layers:
+        real = [p for p in layer.parameters() if p.requires_grad]
+        stand_ins = {}
+        for param in real:
+            stand_ins[param] = torch.nn.Parameter(param.detach(), requires_grad=True)
+            stand_ins[param].__dict__.update(param.__dict__)
+        for module in layer.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and param in stand_ins:
+                    module._parameters[name] = stand_ins[param]
+                    swapped.append((module, name, param))
+        per_layer.append([stand_ins[p] for p in real])
+    try:
+        yield per_layer
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def _fused_wgrad_weights(layer: TransformerLayer) -> list[torch.nn.Parameter]:
+    """Weights whose gradient Megatron's fused linear backward adds straight into ``main_grad``."""
+    return [
+        module.weight
+        for module in layer.modules()
+        if getattr(module, "gradient_accumulation_fusion", False)
+        and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+        and hasattr(module.weight, "main_grad")
+    ]
