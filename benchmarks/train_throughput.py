@@ -15,7 +15,8 @@ Cases, each on the same model shape, sequence length, global batch, random token
 Prints per case tokens/s, model TFLOP/s (``model_flops_per_token``: 6 x matmul parameters + the
 attention term), MFU against a bf16 matmul peak measured in the same run, and peak memory; then
 the ratios. ``--variant name='{"fused_kernels": false}'`` adds bare-loop runs with other kernel
-settings (the levers); ``--profile`` writes a torch-profiler breakdown of one step per case and a cProfile of another.
+settings (the levers); ``--profile`` writes a torch-profiler breakdown of one step per case, a cProfile of another and
+the host's waits for the GPU in a third.
 Results go to ``--out`` as JSON lines (``results.jsonl``), profiles as text.
 """
 
@@ -146,8 +147,11 @@ CATEGORIES = [
 
 
 class StepProfile:
-    """Profiles two steps: the first under the torch profiler (kernels, ops), the second under
-    cProfile (host time by Python function); ``start``/``stop`` bracket each step."""
+    """Profiles three steps: the first under the torch profiler (kernels, ops), the second under
+    cProfile (host time by Python function), the third listing where the host waited for the GPU
+    (``torch.cuda.set_sync_debug_mode``); ``start``/``stop`` bracket each step."""
+
+    steps = 3
 
     def __init__(self, device: torch.device, path: Path) -> None:
         self.device, self.path, self.steps_done = device, path, 0
@@ -161,11 +165,19 @@ class StepProfile:
             cuda = [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
             self._torch = profile(activities=[ProfilerActivity.CPU, *cuda])
             self._torch.__enter__()
-        else:
+        elif self.steps_done == 1:
             import cProfile
 
             self._host = cProfile.Profile()
             self._host.enable()
+        else:
+            import warnings
+
+            self._warnings = warnings.catch_warnings(record=True)
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            if self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
         self._start = time.perf_counter()
 
     def stop(self) -> None:
@@ -174,7 +186,7 @@ class StepProfile:
         if self.steps_done == 0:
             self._torch.__exit__(None, None, None)
             self._lines = self._kernel_report(self._torch, wall)
-        else:
+        elif self.steps_done == 1:
             import io
             import pstats
 
@@ -182,7 +194,20 @@ class StepProfile:
             out = io.StringIO()
             pstats.Stats(self._host, stream=out).sort_stats("tottime").print_stats(40)
             self._lines += ["", "host time by Python function (cProfile of another step, top 40 by own time):"]
-            self.path.write_text("\n".join(self._lines) + "\n" + out.getvalue())
+            self._lines += [out.getvalue()]
+        else:
+            if self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+            self._warnings.__exit__(None, None, None)
+            syncs: dict[str, int] = {}
+            for w in self._caught:
+                if "synchroniz" in str(w.message):
+                    where = f"{w.filename}:{w.lineno}: {str(w.message)[:80]}"
+                    syncs[where] = syncs.get(where, 0) + 1
+            self._lines += ["", f"host waits for the GPU in a third step ({sum(syncs.values())}), by call site:"]
+            self._lines += [f"  {n:5d}  {where}" for where, n in sorted(syncs.items(), key=lambda kv: -kv[1])]
+            self.result["host_syncs"] = sum(syncs.values())
+            self.path.write_text("\n".join(self._lines) + "\n")
         self.steps_done += 1
 
     def _kernel_report(self, prof: Any, wall: float) -> list[str]:
@@ -204,6 +229,7 @@ class StepProfile:
         }
         lines = [f"wall {wall * 1e3:.1f} ms, GPU kernels {busy:.1f} ms", "", "category ms:"]
         lines += [f"  {c:26s} {ms:9.1f}  {ms / max(busy, 1e-9):6.1%}" for c, ms in self.result["breakdown_ms"].items()]
+        lines += ["", *_idle_gaps(prof)]
         lines += ["", "top kernels (ms, name):"]
         lines += [f"  {ms:9.1f}  {name[:160]}" for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:40]]
         try:
@@ -217,10 +243,39 @@ class StepProfile:
         return lines
 
 
+def _idle_gaps(prof: Any, top: int = 15) -> list[str]:
+    """Where the GPU sat idle: gaps between consecutive kernels, summed by size, and the largest
+    ones with the kernels on either side (a CPU-bound or host-syncing step shows up here)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name
+    )
+    gaps, end, before = [], None, ""
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append(((start - end) / 1e3, before, name))
+        if end is None or stop > end:
+            end, before = stop, name
+    if not gaps:
+        return ["GPU idle gaps: none recorded"]
+    total = sum(g for g, _, _ in gaps)
+    buckets = {"< 10 us": 0.0, "10-100 us": 0.0, "0.1-1 ms": 0.0, ">= 1 ms": 0.0}
+    for gap, _, _ in gaps:
+        key = "< 10 us" if gap < 0.01 else "10-100 us" if gap < 0.1 else "0.1-1 ms" if gap < 1 else ">= 1 ms"
+        buckets[key] += gap
+    lines = [f"GPU idle between kernels: {total:.1f} ms in {len(gaps)} gaps; by gap size (ms): "]
+    lines[0] += ", ".join(f"{k} {v:.1f}" for k, v in buckets.items())
+    lines += [f"largest {top} (ms, after -> before):"]
+    for gap, after, before_next in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {gap:8.2f}  {after[:70]} -> {before_next[:70]}")
+    return lines
+
+
 def profile_step(step: Callable[[], None], device: torch.device, path: Path) -> dict[str, Any]:
-    """Two more steps, profiled (see ``StepProfile``); returns the kernel breakdown (ms)."""
+    """More steps, profiled (see ``StepProfile``); returns the kernel breakdown (ms)."""
     profiler = StepProfile(device, path)
-    for _ in range(2):
+    for _ in range(profiler.steps):
         profiler.start()
         step()
         profiler.stop()
@@ -322,7 +377,7 @@ def run_lightning(
 
     steps = args.warmup + args.steps
     timer = Timer(device, steps, profiler)
-    steps += 2 if profiler else 0
+    steps += StepProfile.steps if profiler else 0
     data = [{"input_ids": r, "labels": r} for r in rows[: steps * args.micro_batch_size * args.num_microbatches]]
     trainer = L.Trainer(
         strategy=MegatronStrategy(micro_batch_size=args.micro_batch_size),
@@ -516,7 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra bare-loop runs, e.g. eager='{\"fused_kernels\": false}' or "
         'fp32ce=\'{"extra": {"cross_entropy_loss_fusion": false}}\'',
     )
-    parser.add_argument("--profile", action="store_true", help="profile two extra steps of each case")
+    parser.add_argument("--profile", action="store_true", help="profile three extra steps of each case")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and sequence (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -581,7 +636,7 @@ def run_job(args: argparse.Namespace) -> None:
     base = shape_config(shape, args.tiny, args.seq)
     tokens_per_step = args.micro_batch_size * args.num_microbatches * args.seq
     flops = model_flops_per_token(base, args.seq)
-    steps = args.warmup + args.steps + (2 if args.profile else 0)
+    steps = args.warmup + args.steps + (StepProfile.steps if args.profile else 0)
     rows = random_rows(base.vocab_size, steps * args.micro_batch_size * args.num_microbatches, args.seq)
     extra = dict(shape=shape, seq=args.seq, tokens_per_step=tokens_per_step, flops_per_token=flops)
     profile_path = args.out / f"profile_{shape}_{case}.txt"

@@ -176,12 +176,13 @@ def test_moe_fast_path_bf16_matches_per_expert_path_without_host_syncs():
     assert runs[True] == pytest.approx(runs[False], abs=3e-2)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen2_moe"])
-def test_cuda_graphs_train_like_eager(family):
+@pytest.mark.parametrize("family, overlap", [("qwen2", False), ("qwen2_moe", False), ("qwen2_moe", True)])
+def test_cuda_graphs_train_like_eager(family, overlap):
     """Transformer layers replayed as CUDA graphs (the default on one GPU) against the same model
     run eagerly: the same kernels, so the same losses, with Megatron's fused weight-gradient
     accumulation, the MoE fast path and its auxiliary loss inside the graphs; evaluation and
-    other shapes run eagerly."""
+    other shapes run eagerly. The gradients go into main_grad inside the graphs, or, with
+    overlapped gradient reduction, through Megatron DDP's hooks."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from tests.test_moe import MOE
@@ -192,7 +193,7 @@ def test_cuda_graphs_train_like_eager(family):
     runs, captured = {}, {}
     for graphs in (True, False):
         losses = Losses()
-        strategy = MegatronStrategy(micro_batch_size=2, cuda_graphs=graphs)
+        strategy = MegatronStrategy(micro_batch_size=2, cuda_graphs=graphs, overlap_grad_reduce=overlap)
         trainer = gpu_trainer(6, [losses], strategy, val_check_interval=3, limit_val_batches=2)
         module = GPTModule(config, lr=3e-3)
         trainer.fit(module, loader(), loader())

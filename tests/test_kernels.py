@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
-from lightning_megatron.models.kernels import rotary, vocab_parallel_cross_entropy, wgrad_gemm_accum_fp32
+from lightning_megatron.models.kernels import (
+    multi_tensor_l2norm,
+    rotary,
+    vocab_parallel_cross_entropy,
+    wgrad_gemm_accum_fp32,
+)
 from tests.test_training import CONFIG, Losses, loader, trainer
 
 
@@ -57,6 +62,26 @@ def test_wgrad_accumulates_into_main_grad():
     expected = main_grad + g.t() @ x
     wgrad_gemm_accum_fp32(x, g, main_grad)
     assert torch.allclose(main_grad, expected, atol=1e-6)
+
+
+def test_grad_norm_fills_megatron_slot_and_matches_its_fallback():
+    """Megatron's grad norm (used every step) runs our one-kernel L2 norm, which agrees with the
+    fallback it replaces (that one reads each tensor's norm to the host)."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    import lightning_megatron  # noqa: F401  (installs the slots)
+
+    assert clip_grads.l2_norm_impl is multi_tensor_l2norm
+    tensors = [torch.randn(10), torch.randn(3, 4), torch.randn(7, dtype=torch.float64)]
+    total, per_tensor = multi_tensor_l2norm(2048, None, [tensors], True)
+    expected = torch.cat([t.flatten().float() for t in tensors]).norm()
+    assert total.shape == (1,) and total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert per_tensor.tolist() == pytest.approx([t.norm().item() for t in tensors], rel=1e-6)
+    if torch.cuda.is_available():  # the fallback hard-codes CUDA
+        cuda = [t.cuda() for t in tensors]
+        reference, _ = local_multi_tensor_l2_norm(2048, None, [cuda], False)
+        assert multi_tensor_l2norm(2048, None, [cuda], False)[0].item() == pytest.approx(reference.item(), rel=1e-6)
 
 
 def test_fused_path_trains_like_megatron_eager_path():

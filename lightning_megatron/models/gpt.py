@@ -122,6 +122,7 @@ class GPTModule(L.LightningModule):
                     fused_loss=strategy.fused_kernels,
                     sorted_dispatch=strategy.fused_kernels,
                     cuda_graphs=strategy.use_cuda_graphs(tconfig),
+                    grads_into_main_grad=not strategy.overlap_grad_reduce,
                     config=tconfig,
                     transformer_layer_spec=block_spec(tconfig, strategy.use_te, vp_stage, strategy.fused_kernels),
                     vocab_size=self.config.padded_vocab_size(tp),
@@ -309,6 +310,7 @@ class _GPTModel(GPTModel):
         fused_loss: bool = False,
         sorted_dispatch: bool = False,
         cuda_graphs: bool = False,
+        grads_into_main_grad: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -316,7 +318,7 @@ class _GPTModel(GPTModel):
         if sorted_dispatch:
             use_sorted_dispatch(self)
         if cuda_graphs:
-            use_layer_graphs(self)
+            use_layer_graphs(self, grads_into_main_grad)
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         if not self.fused_loss:

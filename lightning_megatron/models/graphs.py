@@ -2,21 +2,28 @@
 
 A transformer layer launches hundreds of small kernels per microbatch, each through Python
 (Megatron's modules, autograd functions, compiled-kernel wrappers). On the MoE benchmark shape the
-host needs more time to launch a step than the GPU needs to run it, so the GPU idles. A CUDA graph
-replays a layer's recorded kernels with one launch; the Python runs once, at capture.
+host needed more time to launch a step than the GPU needed to run it, so the GPU idled. A CUDA
+graph replays a layer's recorded kernels with one launch; the Python runs once, at capture.
 
 :func:`use_layer_graphs` gives every ``TransformerLayer`` of a model a forward that, on its first
-training call, captures all layers of its block with ``torch.cuda.make_graphed_callables`` (the
-forward graphs in layer order and the backward graphs in reverse, sharing one memory pool), then
-replays them on every call with the same input shape. Everything else runs the layer eagerly:
-evaluation, no-grad calls, other shapes, masks or packed sequences.
+training call, captures all layers of its block (the forward graphs in layer order and the
+backward graphs in reverse, sharing one memory pool, as ``torch.cuda.make_graphed_callables``
+does), then replays them on every call with the same input shape. Everything else runs the layer
+eagerly: evaluation, no-grad calls, other shapes, masks or packed sequences.
+
+``make_graphed_callables`` itself cannot be used: recording a backward through the real
+parameters runs their gradient accumulators, which Megatron DDP created (and holds) on the
+default stream, and a capture may not touch the default stream. The graphs are recorded through
+stand-in parameters that share the real ones' storage instead.
 
 What a replay cannot do is run Python, and three things in a layer rely on it; each is handled:
 
-- Megatron's linear layers with weight-gradient fusion add the weight gradient into the fp32
-  ``main_grad`` inside the graph (a fixed address, so replays keep doing it) and mark the
-  parameter with ``grad_added_to_main_grad`` so that Megatron DDP's hook does not add the dummy
-  gradient they return. That mark is Python, so the graphed forward sets it on every call.
+- Gradients: by default the backward graph adds each weight gradient into Megatron DDP's fp32
+  ``main_grad`` itself (all that DDP's per-parameter hook does unless gradient reduction
+  overlaps the backward). With ``overlap_grad_reduce`` the gradients are returned to the real
+  parameters instead, so DDP's hooks run; Megatron's fused linear layers have then added theirs
+  already and mark it with ``grad_added_to_main_grad``, which the graphed forward re-sets (it is
+  Python) on every call.
 - The capture's warm-up iterations run real backward passes, whose fused weight gradients land in
   ``main_grad``: those buffers are zeroed after the capture (it happens in the step's first
   forward, before any backward has written a gradient this step).
@@ -27,6 +34,8 @@ What a replay cannot do is run Python, and three things in a layer rely on it; e
 Requirements (checked by :func:`layer_graphs_supported`): CUDA, no pipeline or context parallelism
 (they keep several microbatches' activations alive, and a graph's buffers hold one), tensor and
 expert parallel size 1 (no collectives inside a layer), no recompute, no dropout, no TE layers.
+Memory: the graphs' pool holds one microbatch's activations and gradients for good, so
+``torch.cuda.max_memory_allocated`` undercounts; compare ``max_memory_reserved``.
 """
 
 from __future__ import annotations
@@ -75,12 +84,17 @@ def layer_graphs_supported(config: Any, device: torch.device, use_te: bool) -> b
     )
 
 
-def use_layer_graphs(model: torch.nn.Module) -> int:
-    """Graph the transformer layers of every block in ``model`` on first use; returns how many."""
+def use_layer_graphs(model: torch.nn.Module, grads_into_main_grad: bool = True) -> int:
+    """Graph the transformer layers of every block in ``model`` on first use; returns how many.
+
+    With ``grads_into_main_grad`` the backward graphs add the weight gradients into Megatron DDP's
+    fp32 ``main_grad`` themselves, which is all DDP's per-parameter hooks do unless gradient
+    reduction overlaps the backward (``overlap_grad_reduce``, which needs the hooks: pass False).
+    """
     count = 0
     for block in model.modules():
         if isinstance(block, TransformerBlock) and len(block.layers):
-            graphs = _BlockGraphs(block)
+            graphs = _BlockGraphs(block, grads_into_main_grad)
             for layer in block.layers:
                 layer.forward = graphs.forward_for(layer)
                 layer.cuda_graphs = graphs  # for inspection: graphs.key is set once captured
@@ -103,8 +117,9 @@ class _LayerGraph:
 
 
 class _Replay(torch.autograd.Function):
-    """Replays a captured layer: forward graph in ``forward``, backward graph in ``backward``; the
-    layer's trainable parameters are inputs so that their gradients reach Megatron DDP's hooks."""
+    """Replays a captured layer: forward graph in ``forward``, backward graph in ``backward``.
+    Unless the graphs add the gradients into ``main_grad`` themselves, the layer's trainable
+    parameters are inputs, so that their gradients reach Megatron DDP's hooks."""
 
     @staticmethod
     def forward(ctx, graph: _LayerGraph, hidden_states: torch.Tensor, rope: torch.Tensor, *params: torch.Tensor):
@@ -126,7 +141,8 @@ class _Replay(torch.autograd.Function):
 class _BlockGraphs:
     """The graphs of one block's layers, captured together on the first graphable call."""
 
-    def __init__(self, block: TransformerBlock) -> None:
+    def __init__(self, block: TransformerBlock, grads_into_main_grad: bool) -> None:
+        self.grads_into_main_grad = grads_into_main_grad
         self.layers = list(block.layers)
         self.graphs = [_LayerGraph(layer, layer.forward) for layer in self.layers]
         self.key: tuple | None = None  # (shape, dtype, rope shape, rope dtype) captured for
@@ -152,6 +168,8 @@ class _BlockGraphs:
                     "captured; freeze or add adapters before the first training step, or build the "
                     "strategy with MegatronStrategy(cuda_graphs=False)"
                 )
+            if graph.into_main_grad:
+                return _Replay.apply(graph, hidden_states, rope), kwargs.get("context")
             for weight in self.fused_weights[index]:
                 weight.grad_added_to_main_grad = True
             return _Replay.apply(graph, hidden_states, rope, *params), kwargs.get("context")
@@ -173,13 +191,15 @@ class _BlockGraphs:
         )
 
     def _capture(self, hidden_states: torch.Tensor, rope: torch.Tensor, key: tuple, warmup: int = 2) -> None:
-        """Capture every layer's forward (in order) and backward (in reverse) into one memory pool.
+        """Capture every layer's forward (in order) and backward (in reverse) into one memory pool,
+        through stand-in parameters (see the module docstring)."""
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        The graphs are recorded through stand-in parameters that share the real ones' storage:
-        recording a backward through the real parameters would run their gradient accumulators,
-        which Megatron DDP created (and holds) on the default stream, and a capture may not touch
-        the default stream. At replay the real parameters are ``_Replay``'s inputs instead.
-        """
+        if MoEAuxLossAutoScaler.main_loss_backward_scale is None:
+            # The MoE auxiliary loss's gradient scale: Megatron's schedule copies into this tensor
+            # after each forward, and the backward graphs must read the tensor it copies into
+            # (left unset, the warm-up backward would create a 0-d one the copy cannot fill).
+            MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1, device=hidden_states.device)
         for graph in self.graphs:
             graph.hidden = torch.randn_like(hidden_states).requires_grad_(True)
             graph.rope = rope.detach().clone()
@@ -201,10 +221,20 @@ class _BlockGraphs:
             for graph, params in zip(reversed(self.graphs), reversed(stand_ins), strict=True):
                 graph.backward_graph = torch.cuda.CUDAGraph()
                 graph.grad_output = torch.empty_like(graph.output)
+                fused = {id(w) for w in _fused_wgrad_weights(graph.layer)}  # the stand-ins, while swapped
+                into_main_grad = self.grads_into_main_grad and all(hasattr(p, "main_grad") for p in params)
                 with torch.cuda.graph(graph.backward_graph, pool=pool):
-                    grads = graph.gradients(graph.output, graph.grad_output, params)
+                    grad_hidden, *grads = graph.gradients(graph.output, graph.grad_output, params)
+                    if into_main_grad:
+                        # What Megatron DDP's hook would do per parameter, without the host: add
+                        # into the fp32 main_grad (fused weights have theirs added already).
+                        for param, grad in zip(params, grads, strict=True):
+                            if grad is not None and id(param) not in fused:
+                                param.main_grad.add_(grad)
+                        grads = [None] * len(grads)
                 # A parameter the layer did not use gets no gradient (None), as in eager autograd.
-                graph.grads = grads
+                graph.grads = (grad_hidden, *grads)
+                graph.into_main_grad = into_main_grad
         self.key = key
         for graph in self.graphs:
             graph.params = [p for p in graph.layer.parameters() if p.requires_grad]
