@@ -31,6 +31,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException  # a BaseException
 
+from lightning_megatron.parallel import global_rank
+
 INFO_FILE = "lightning_megatron.json"
 OPTIM_FORMATS = ("dp_reshardable", "fully_reshardable")
 FORMAT = "lightning_megatron/torch_dist/1"
@@ -104,7 +106,7 @@ class MegatronCheckpointIO(CheckpointIO):
         info["contents"] = sorted(checkpoint)
         path = Path(path)
         staging = path.with_name(path.name + ".partial")
-        if _rank() == 0:
+        if global_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that was killed
             staging.mkdir(parents=True)
         _barrier()
@@ -205,7 +207,7 @@ def versioned_dir(root: str | os.PathLike) -> Path:
 
 def _publish(staging: Path, path: Path, info: dict[str, Any]) -> None:
     """Make a finished save visible: write the info file, then rename (rank 0 only)."""
-    if _rank() != 0:
+    if global_rank() != 0:
         return
     (staging / INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
     old = path.with_name(path.name + ".old")
@@ -248,10 +250,6 @@ def _safe_globals() -> list[Any]:
     from lightning_megatron.models.config import GPTConfig, RecomputeConfig
 
     return [GPTConfig, RecomputeConfig]
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _barrier() -> None:

@@ -205,13 +205,17 @@ def ep_group():
     return _state().get_expert_model_parallel_group()
 
 
+def global_rank() -> int:
+    """This process's global rank, 0 before (or without) torch.distributed."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def rank_prefix() -> str:
     """``[rank 3 tp1 pp1 dp0]``: the global rank and its coordinates in the layout (only the
     dimensions larger than one); ``[rank 3]`` before the parallel state exists."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    parts = [f"rank {rank}"]
+    parts = [f"rank {global_rank()}"]
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
@@ -242,9 +246,7 @@ class RankLogger(logging.LoggerAdapter):
         return f"{rank_prefix()} {msg}", kwargs
 
     def _rank_0(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        if global_rank() == 0:
             self.log(level, msg, *args, **kwargs)
 
     def debug_rank_0(self, msg: Any, *args: Any, **kwargs: Any) -> None:

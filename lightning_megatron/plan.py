@@ -134,9 +134,9 @@ class Candidate:
 
 
 # ------------------------------------------------------------------------------ parameters
-def layer_params(config: GPTConfig, tp: int, ep: int = 1, etp: int | None = None) -> tuple[int, int]:
-    """Parameters of one transformer layer held by one rank: ``(dense, expert)``."""
-    etp = tp if etp is None else etp
+def layer_params(config: GPTConfig, tp: int, ep: int = 1) -> tuple[int, int]:
+    """Parameters of one transformer layer held by one rank: ``(dense, expert)``. Experts are split
+    over ``ep`` and over tensor parallelism: the planner's layouts keep expert-TP equal to ``tp``."""
     h, d = config.hidden_size, config.head_dim
     q, kv = config.num_attention_heads * d, config.num_query_groups * d
     qkv = q + 2 * kv
@@ -149,7 +149,7 @@ def layer_params(config: GPTConfig, tp: int, ep: int = 1, etp: int | None = None
     if config.is_moe:
         ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
         dense += config.num_experts * h  # the router is replicated
-        expert = config.num_experts // ep * 3 * h * ffn // etp
+        expert = config.num_experts // ep * 3 * h * ffn // tp
         if config.moe_shared_expert_intermediate_size:
             dense += 3 * h * config.moe_shared_expert_intermediate_size // tp
             if config.moe_shared_expert_gate:

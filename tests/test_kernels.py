@@ -95,3 +95,14 @@ def test_fused_path_trains_like_megatron_eager_path():
         trainer(strategy=strategy, max_steps=4, callbacks=[losses]).fit(GPTModule(config, lr=3e-3), loader())
         runs[fused] = losses.values
     assert runs[True] == pytest.approx(runs[False], abs=2e-5)
+
+
+def test_cuda_graphs_asked_for_where_they_cannot_apply_is_refused():
+    """cuda_graphs=True off CUDA names the requirement; the default (None) just runs eagerly."""
+    model = GPTModule(GPTConfig.preset("qwen2", **CONFIG), lr=1e-3)
+    with pytest.raises(ValueError, match=r"cuda_graphs=True\) needs a CUDA device"):
+        trainer(strategy=MegatronStrategy(micro_batch_size=2, cuda_graphs=True), max_steps=1).fit(model, loader())
+    losses = Losses()
+    model = GPTModule(GPTConfig.preset("qwen2", **CONFIG), lr=1e-3)
+    trainer(max_steps=1, callbacks=[losses]).fit(model, loader())
+    assert len(losses.values) == 1
