@@ -50,7 +50,7 @@ from lightning_megatron.checkpoint import FORMAT, CheckpointError, MegatronCheck
 from lightning_megatron.cpu import cpu_mode
 from lightning_megatron.lora import is_adapter_key
 from lightning_megatron.models.config import RecomputeConfig
-from lightning_megatron.models.graphs import layer_graphs_supported
+from lightning_megatron.models.graphs import layer_graphs_supported, release_layer_graphs
 from lightning_megatron.models.kernels import kernel_config_kwargs, limit_wgrad_fusion
 from lightning_megatron.models.moe import StackedExperts
 from lightning_megatron.models.specs import te_available
@@ -726,6 +726,8 @@ class MegatronStrategy(DDPStrategy):
         if module is not None and self._bare_chunks is not None:
             module.chunks = torch.nn.ModuleList(self._bare_chunks)
             self._bare_chunks = None
+        if module is not None and getattr(module, "chunks", None) is not None:
+            release_layer_graphs(module.chunks)  # they add into this fit's gradient buffers
         self._restore_optimizer = True
         self.optimizers = []
         self.lr_scheduler_configs = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import lightning as L
@@ -29,6 +30,10 @@ ONE_B = dict(
 
 def gpu_trainer(steps: int, callbacks: list, strategy: MegatronStrategy | None = None, **kwargs) -> L.Trainer:
     """One GPU, bf16-mixed, no logger or progress bar, checkpointing off unless asked for."""
+    # Earlier fits' modules (CUDA-graph pools among them) sit in reference cycles: free them, and
+    # hand their cached blocks back, before this fit's NCCL communicators allocate.
+    gc.collect()
+    torch.cuda.empty_cache()
     return L.Trainer(
         strategy=strategy or MegatronStrategy(micro_batch_size=2),
         accelerator="gpu",
@@ -182,7 +187,7 @@ def test_cuda_graphs_train_like_eager(family, overlap):
     run eagerly: the same kernels, so the same losses, with Megatron's fused weight-gradient
     accumulation, the MoE fast path and its auxiliary loss inside the graphs; evaluation and
     other shapes run eagerly. The gradients go into main_grad inside the graphs, or, with
-    overlapped gradient reduction, through Megatron DDP's hooks."""
+    overlapped gradient reduction, through Megatron DDP's hooks; a second fit captures again."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from tests.test_moe import MOE
@@ -197,6 +202,10 @@ def test_cuda_graphs_train_like_eager(family, overlap):
         trainer = gpu_trainer(6, [losses], strategy, val_check_interval=3, limit_val_batches=2)
         module = GPTModule(config, lr=3e-3)
         trainer.fit(module, loader(), loader())
+        # A second fit of the same module: a new DDP wrapper with new gradient buffers, which the
+        # graphs must notice (and be captured again for) instead of adding into the old ones.
+        strategy = MegatronStrategy(micro_batch_size=2, cuda_graphs=graphs, overlap_grad_reduce=overlap)
+        gpu_trainer(3, [losses], strategy).fit(module, loader())
         layers = [m for m in module.modules() if isinstance(m, TransformerLayer)]
         captured[graphs] = [getattr(getattr(layer, "cuda_graphs", None), "key", None) for layer in layers]
         runs[graphs] = losses.values

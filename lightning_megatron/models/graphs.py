@@ -27,9 +27,9 @@ What a replay cannot do is run Python, and three things in a layer rely on it; e
 - The capture's warm-up iterations run real backward passes, whose fused weight gradients land in
   ``main_grad``: those buffers are zeroed after the capture (it happens in the step's first
   forward, before any backward has written a gradient this step).
-- Parameters must keep their ``requires_grad`` and identity: LoRA, freezing and the per-expert
-  conversion happen before the first training step, and a layer whose trainable set changes
-  after the capture is refused rather than silently given stale gradients.
+- The graphs hold the addresses of the parameters and of their ``main_grad`` buffers. A new fit
+  with the same module (a new DDP wrapper, so new buffers), adapters or frozen weights is seen at
+  the first layer's next call, the step's first forward, and the block is captured again.
 
 Requirements (checked by :func:`layer_graphs_supported`): CUDA, no pipeline or context parallelism
 (they keep several microbatches' activations alive, and a graph's buffers hold one), tensor and
@@ -102,15 +102,39 @@ def use_layer_graphs(model: torch.nn.Module, grads_into_main_grad: bool = True) 
     return count
 
 
+def release_layer_graphs(model: torch.nn.Module) -> int:
+    """Free the captured graphs of ``model`` (their memory pool included); the layers capture
+    again on their next training call. The graphs belong to one fit: they add into that fit's
+    gradient buffers. Returns how many blocks had graphs."""
+    released = 0
+    for block in model.modules():
+        if not isinstance(block, TransformerBlock) or not len(block.layers):
+            continue
+        graphs = getattr(block.layers[0], "cuda_graphs", None)
+        if graphs is not None and graphs.key is not None:
+            graphs.release()
+            released += 1
+    return released
+
+
 class _LayerGraph:
     """One layer's forward and backward graphs with their static input, output and gradient buffers."""
 
     def __init__(self, layer: TransformerLayer, eager_forward: Any) -> None:
         self.layer, self.eager = layer, eager_forward
         self.params: list[torch.nn.Parameter] = []  # the trainable parameters at capture
+        self.grad_ptrs: list[int] = []  # and the addresses of their main_grad buffers
 
     def run_eager(self, hidden_states: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         return self.eager(hidden_states=hidden_states, rotary_pos_emb=rope)[0]
+
+    def stale(self, params: list[torch.nn.Parameter]) -> bool:
+        """Whether ``params`` (the layer's trainable parameters now) or their ``main_grad`` buffers
+        differ from the ones the graphs were captured with."""
+        if len(params) != len(self.params):
+            return True
+        captured = zip(params, self.params, self.grad_ptrs, strict=True)
+        return any(now is not then or _main_grad_ptr(now) != ptr for now, then, ptr in captured)
 
     def gradients(self, output: torch.Tensor, grad_output: torch.Tensor, params: list) -> tuple:
         return torch.autograd.grad(output, [self.hidden, *params], grad_output, allow_unused=True)
@@ -157,17 +181,19 @@ class _BlockGraphs:
                 return graph.eager(*args, **kwargs)
             hidden_states, rope = kwargs["hidden_states"], kwargs["rotary_pos_emb"]
             key = (tuple(hidden_states.shape), hidden_states.dtype, tuple(rope.shape), rope.dtype)
-            if self.key is None:
-                self._capture(hidden_states, rope, key)
-            elif key != self.key:  # another shape (a shorter last batch): not worth a second graph
+            if self.key is not None and key != self.key:  # another shape (a shorter last batch)
                 return graph.eager(*args, **kwargs)
             params = [p for p in layer.parameters() if p.requires_grad]
-            if len(params) != len(graph.params) or any(a is not b for a, b in zip(params, graph.params, strict=True)):
-                raise RuntimeError(
-                    f"transformer layer {index}'s trainable parameters changed after its CUDA graph was "
-                    "captured; freeze or add adapters before the first training step, or build the "
-                    "strategy with MegatronStrategy(cuda_graphs=False)"
-                )
+            if self.key is None or graph.stale(params):
+                if self.key is not None and index > 0:
+                    raise RuntimeError(
+                        f"transformer layer {index}'s trainable parameters or gradient buffers changed "
+                        "in the middle of a forward pass, after its CUDA graph was captured; build the "
+                        "strategy with MegatronStrategy(cuda_graphs=False)"
+                    )
+                # First use, or a new fit (another DDP wrapper, adapters, frozen weights): the
+                # step's first forward, before any backward wrote a gradient, so (re)capture.
+                self._capture(hidden_states, rope, key)
             if graph.into_main_grad:
                 return _Replay.apply(graph, hidden_states, rope), kwargs.get("context")
             for weight in self.fused_weights[index]:
@@ -200,9 +226,41 @@ class _BlockGraphs:
             # after each forward, and the backward graphs must read the tensor it copies into
             # (left unset, the warm-up backward would create a 0-d one the copy cannot fill).
             MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1, device=hidden_states.device)
+        self.release()  # a recapture frees the previous graphs' pool first
         for graph in self.graphs:
             graph.hidden = torch.randn_like(hidden_states).requires_grad_(True)
             graph.rope = rope.detach().clone()
+        try:
+            self._record(warmup)
+        except torch.OutOfMemoryError as error:
+            raise torch.OutOfMemoryError(
+                f"{error}\nThis happened while capturing the transformer layers as CUDA graphs, which keep "
+                "one microbatch's activations and gradients in their own memory pool; set "
+                "MegatronStrategy(cuda_graphs=False) to train eagerly"
+            ) from error
+        self.key = key
+        for graph in self.graphs:
+            graph.params = [p for p in graph.layer.parameters() if p.requires_grad]
+            graph.grad_ptrs = [_main_grad_ptr(p) for p in graph.params]
+        self.fused_weights = [_fused_wgrad_weights(layer) for layer in self.layers]
+        # The warm-up backward passes accumulated fused weight gradients into main_grad.
+        for layer in self.layers:
+            for param in layer.parameters():
+                if getattr(param, "main_grad", None) is not None:
+                    param.main_grad.zero_()
+
+    def release(self) -> None:
+        """Drop the graphs and their buffers (the pool goes with the last of them)."""
+        for graph in self.graphs:
+            for cuda_graph in (getattr(graph, "forward_graph", None), getattr(graph, "backward_graph", None)):
+                if cuda_graph is not None:
+                    cuda_graph.reset()
+            graph.forward_graph = graph.backward_graph = graph.output = graph.grads = None
+            graph.hidden = graph.rope = graph.grad_output = None
+            graph.params, graph.grad_ptrs = [], []
+        self.key = None
+
+    def _record(self, warmup: int) -> None:
         with _stand_in_parameters(self.layers) as stand_ins:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -235,15 +293,6 @@ class _BlockGraphs:
                 # A parameter the layer did not use gets no gradient (None), as in eager autograd.
                 graph.grads = (grad_hidden, *grads)
                 graph.into_main_grad = into_main_grad
-        self.key = key
-        for graph in self.graphs:
-            graph.params = [p for p in graph.layer.parameters() if p.requires_grad]
-        self.fused_weights = [_fused_wgrad_weights(layer) for layer in self.layers]
-        # The warm-up backward passes accumulated fused weight gradients into main_grad.
-        for layer in self.layers:
-            for param in layer.parameters():
-                if getattr(param, "main_grad", None) is not None:
-                    param.main_grad.zero_()
 
 
 @contextlib.contextmanager
@@ -269,6 +318,11 @@ def _stand_in_parameters(layers: list[TransformerLayer]):
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
+
+
+def _main_grad_ptr(param: torch.nn.Parameter) -> int:
+    main_grad = getattr(param, "main_grad", None)
+    return 0 if main_grad is None else main_grad.data_ptr()
 
 
 def _fused_wgrad_weights(layer: TransformerLayer) -> list[torch.nn.Parameter]:
