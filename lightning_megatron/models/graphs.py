@@ -170,6 +170,7 @@ class _BlockGraphs:
         self.layers = list(block.layers)
         self.graphs = [_LayerGraph(layer, layer.forward) for layer in self.layers]
         self.key: tuple | None = None  # (shape, dtype, rope shape, rope dtype) captured for
+        self.entry = 0  # index of the layer whose call captured the block
         self.fused_weights: list[list[torch.nn.Parameter]] = []
 
     def forward_for(self, layer: TransformerLayer):
@@ -185,7 +186,7 @@ class _BlockGraphs:
                 return graph.eager(*args, **kwargs)
             params = [p for p in layer.parameters() if p.requires_grad]
             if self.key is None or graph.stale(params):
-                if self.key is not None and index > 0:
+                if self.key is not None and index != self.entry:
                     raise RuntimeError(
                         f"transformer layer {index}'s trainable parameters or gradient buffers changed "
                         "in the middle of a forward pass, after its CUDA graph was captured; build the "
@@ -194,6 +195,7 @@ class _BlockGraphs:
                 # First use, or a new fit (another DDP wrapper, adapters, frozen weights): the
                 # step's first forward, before any backward wrote a gradient, so (re)capture.
                 self._capture(hidden_states, rope, key)
+                self.entry = index  # the first graphed layer of a forward (0 unless layer 0's input needs no grad)
             if graph.into_main_grad:
                 return _Replay.apply(graph, hidden_states, rope), kwargs.get("context")
             for weight in self.fused_weights[index]:
