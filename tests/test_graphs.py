@@ -35,3 +35,36 @@ def test_no_graphs_on_cpu_and_release_is_a_no_op():
     layers = [m for m in model.modules() if hasattr(m, "cuda_graphs")]
     assert layers == []  # the strategy installs graphs only where they apply (CUDA)
     assert release_layer_graphs(model.chunks) == 0
+
+
+class _Layer(torch.nn.Module):
+    """Stands in for a TransformerLayer: keyword call, returns (hidden_states, context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden_states=None, rotary_pos_emb=None, **kwargs):
+        return self.linear(hidden_states), None
+
+
+def test_graphed_layers_run_their_own_forward_off_cuda_and_survive_a_deep_copy():
+    """Off CUDA (or in eval, or without grad) a graphed layer runs its own forward; a deep copy of
+    the model gets graphs of its own, bound to the copied layers and their weights."""
+    from copy import deepcopy
+
+    from lightning_megatron.models.graphs import _BlockGraphs
+
+    model = torch.nn.Sequential(_Layer(), _Layer())
+    x = torch.randn(3, 4)
+    expected = [layer.linear(x) for layer in model]
+    _BlockGraphs(list(model), grads_into_main_grad=True)
+    assert all(torch.equal(layer(hidden_states=x)[0], e) for layer, e in zip(model, expected, strict=True))
+
+    copy = deepcopy(model)
+    with torch.no_grad():
+        copy[0].linear.weight.zero_()
+    assert copy[0].cuda_graphs is not model[0].cuda_graphs
+    assert copy[0].cuda_graphs.layers == list(copy) and copy[1].cuda_graphs is copy[0].cuda_graphs
+    assert torch.equal(copy[0](hidden_states=x)[0], copy[0].linear.bias.expand(3, 4))  # the copy's weights
+    assert torch.equal(model[0](hidden_states=x)[0], expected[0])  # the original's are untouched

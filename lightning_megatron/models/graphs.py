@@ -41,6 +41,8 @@ Memory: the graphs' pool holds one microbatch's activations and gradients for go
 from __future__ import annotations
 
 import contextlib
+import types
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -94,10 +96,7 @@ def use_layer_graphs(model: torch.nn.Module, grads_into_main_grad: bool = True) 
     count = 0
     for block in model.modules():
         if isinstance(block, TransformerBlock) and len(block.layers):
-            graphs = _BlockGraphs(block, grads_into_main_grad)
-            for layer in block.layers:
-                layer.forward = graphs.forward_for(layer)
-                layer.cuda_graphs = graphs  # for inspection: graphs.key is set once captured
+            _BlockGraphs(list(block.layers), grads_into_main_grad)
             count += len(block.layers)
     return count
 
@@ -117,13 +116,22 @@ def release_layer_graphs(model: torch.nn.Module) -> int:
     return released
 
 
+def _graphed_forward(layer: TransformerLayer, *args: Any, **kwargs: Any):
+    """A graphed layer's ``forward``: its block's graphs decide between replay and eager."""
+    return layer.cuda_graphs.forward(layer, *args, **kwargs)
+
+
 class _LayerGraph:
     """One layer's forward and backward graphs with their static input, output and gradient buffers."""
 
-    def __init__(self, layer: TransformerLayer, eager_forward: Any) -> None:
-        self.layer, self.eager = layer, eager_forward
+    def __init__(self, layer: TransformerLayer) -> None:
+        self.layer = layer
         self.params: list[torch.nn.Parameter] = []  # the trainable parameters at capture
         self.grad_ptrs: list[int] = []  # and the addresses of their main_grad buffers
+
+    def eager(self, *args: Any, **kwargs: Any) -> Any:
+        """The layer's own (class) forward."""
+        return type(self.layer).forward(self.layer, *args, **kwargs)
 
     def run_eager(self, hidden_states: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         return self.eager(hidden_states=hidden_states, rotary_pos_emb=rope)[0]
@@ -165,44 +173,52 @@ class _Replay(torch.autograd.Function):
 class _BlockGraphs:
     """The graphs of one block's layers, captured together on the first graphable call."""
 
-    def __init__(self, block: TransformerBlock, grads_into_main_grad: bool) -> None:
+    def __init__(self, layers: list[TransformerLayer], grads_into_main_grad: bool) -> None:
         self.grads_into_main_grad = grads_into_main_grad
-        self.layers = list(block.layers)
-        self.graphs = [_LayerGraph(layer, layer.forward) for layer in self.layers]
+        self.layers = layers
+        self.graphs = [_LayerGraph(layer) for layer in layers]
         self.key: tuple | None = None  # (shape, dtype, rope shape, rope dtype) captured for
         self.entry = 0  # index of the layer whose call captured the block
         self.fused_weights: list[list[torch.nn.Parameter]] = []
+        for layer in layers:
+            # A bound method, so that a deep copy of the model rebinds it to the copied layer.
+            layer.forward = types.MethodType(_graphed_forward, layer)
+            layer.cuda_graphs = self  # for inspection: cuda_graphs.key is set once captured
 
-    def forward_for(self, layer: TransformerLayer):
+    def __deepcopy__(self, memo: dict) -> _BlockGraphs:
+        # CUDA graphs cannot be copied: a copy of the model gets graphs of its own, captured on
+        # its first training call.
+        copy = _BlockGraphs.__new__(_BlockGraphs)
+        memo[id(self)] = copy
+        copy.__init__([deepcopy(layer, memo) for layer in self.layers], self.grads_into_main_grad)
+        return copy
+
+    def forward(self, layer: TransformerLayer, *args: Any, **kwargs: Any):
         index = self.layers.index(layer)
         graph = self.graphs[index]
-
-        def forward(*args: Any, **kwargs: Any):
-            if args or not self._graphable(layer, kwargs):
-                return graph.eager(*args, **kwargs)
-            hidden_states, rope = kwargs["hidden_states"], kwargs["rotary_pos_emb"]
-            key = (tuple(hidden_states.shape), hidden_states.dtype, tuple(rope.shape), rope.dtype)
-            if self.key is not None and key != self.key:  # another shape (a shorter last batch)
-                return graph.eager(*args, **kwargs)
-            params = [p for p in layer.parameters() if p.requires_grad]
-            if self.key is None or graph.stale(params):
-                if self.key is not None and index != self.entry:
-                    raise RuntimeError(
-                        f"transformer layer {index}'s trainable parameters or gradient buffers changed "
-                        "in the middle of a forward pass, after its CUDA graph was captured; build the "
-                        "strategy with MegatronStrategy(cuda_graphs=False)"
-                    )
-                # First use, or a new fit (another DDP wrapper, adapters, frozen weights): the
-                # step's first forward, before any backward wrote a gradient, so (re)capture.
-                self._capture(hidden_states, rope, key)
-                self.entry = index  # the first graphed layer of a forward (0 unless layer 0's input needs no grad)
-            if graph.into_main_grad:
-                return _Replay.apply(graph, hidden_states, rope), kwargs.get("context")
-            for weight in self.fused_weights[index]:
-                weight.grad_added_to_main_grad = True
-            return _Replay.apply(graph, hidden_states, rope, *params), kwargs.get("context")
-
-        return forward
+        if args or not self._graphable(layer, kwargs):
+            return graph.eager(*args, **kwargs)
+        hidden_states, rope = kwargs["hidden_states"], kwargs["rotary_pos_emb"]
+        key = (tuple(hidden_states.shape), hidden_states.dtype, tuple(rope.shape), rope.dtype)
+        if self.key is not None and key != self.key:  # another shape (a shorter last batch)
+            return graph.eager(*args, **kwargs)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        if self.key is None or graph.stale(params):
+            if self.key is not None and index != self.entry:
+                raise RuntimeError(
+                    f"transformer layer {index}'s trainable parameters or gradient buffers changed "
+                    "in the middle of a forward pass, after its CUDA graph was captured; build the "
+                    "strategy with MegatronStrategy(cuda_graphs=False)"
+                )
+            # First use, or a new fit (another DDP wrapper, adapters, frozen weights): the
+            # step's first forward, before any backward wrote a gradient, so (re)capture.
+            self._capture(hidden_states, rope, key)
+            self.entry = index  # the first graphed layer of a forward (0 unless layer 0's input needs no grad)
+        if graph.into_main_grad:
+            return _Replay.apply(graph, hidden_states, rope), kwargs.get("context")
+        for weight in self.fused_weights[index]:
+            weight.grad_added_to_main_grad = True
+        return _Replay.apply(graph, hidden_states, rope, *params), kwargs.get("context")
 
     @staticmethod
     def _graphable(layer: TransformerLayer, kwargs: dict[str, Any]) -> bool:
