@@ -165,7 +165,7 @@ class SFTDataModule(L.LightningDataModule):
             from lightning_megatron.data.streaming import StreamingRows
 
             if self.val_sources:
-                self.val = self._finish(self._samples([r for src in self.val_sources for r in read_rows(src)]))
+                self.val = self._finish(self._samples(self._val_source_rows()))
             self.train = StreamingRows(self.sources, _OnTheFly(self._renderer(), self.stats), filler=self._filler())
             return
         if self.lazy_tokenize:
@@ -208,8 +208,12 @@ class SFTDataModule(L.LightningDataModule):
         held_out = int(round(len(rows) * self.split_dataset_ratio))
         val_rows, train_rows = rows[:held_out], rows[held_out:]
         if self.val_sources:
-            val_rows = [row for src in self.val_sources for row in read_rows(src)]
+            val_rows = self._val_source_rows()
         return train_rows, val_rows
+
+    def _val_source_rows(self) -> list[tuple[str, dict[str, Any]]]:
+        """The rows of ``val_sources``, as they are (no sampling, split or streaming)."""
+        return [row for source in self.val_sources for row in read_rows(source)]
 
     def _renderer(self) -> RowRenderer:
         return RowRenderer(
