@@ -270,9 +270,6 @@ class _BlockGraphs:
     def release(self) -> None:
         """Drop the graphs and their buffers (the pool goes with the last of them)."""
         for graph in self.graphs:
-            for cuda_graph in (getattr(graph, "forward_graph", None), getattr(graph, "backward_graph", None)):
-                if cuda_graph is not None:
-                    cuda_graph.reset()
             graph.forward_graph = graph.backward_graph = graph.output = graph.grads = None
             graph.hidden = graph.rope = graph.grad_output = None
             graph.params, graph.grad_ptrs = [], []
