@@ -82,14 +82,13 @@ class MegatronStrategy(DDPStrategy):
             a cross entropy that keeps the logits in bf16, MoE experts as grouped GEMMs and a
             sync-free MoE token dispatcher on any device; on GPU also compiled RoPE and SwiGLU,
             weight gradients accumulated into the fp32 main grads by the GEMM, and torch's fused
-            AdamW kernel.
+            AdamW kernel. ``False`` runs Megatron's plain eager ops (debugging, comparison);
+            ``GPTConfig(extra={...})`` overrides single ``TransformerConfig`` fields.
         cuda_graphs: train each transformer layer as a CUDA graph (forward and backward captured on
             the first step; see ``lightning_megatron.models.graphs``), which takes the host's
             kernel launches out of the step. Default: with ``fused_kernels`` wherever it applies
             (CUDA, no TE, tp = pp = cp = ep = 1, no recompute or dropout); ``True`` raises where
             it does not.
-            ``False`` runs Megatron's plain eager ops (debugging, comparison);
-            ``GPTConfig(extra={...})`` overrides single ``TransformerConfig`` fields.
         seed: model-parallel RNG seed (dropout); default: ``seed_everything``'s seed or 1234.
         ddp_config: extra ``DistributedDataParallelConfig`` fields.
         checkpoint_io: a :class:`~lightning_megatron.MegatronCheckpointIO` with save/load options
