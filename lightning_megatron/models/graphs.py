@@ -128,6 +128,7 @@ class _LayerGraph:
         self.layer = layer
         self.params: list[torch.nn.Parameter] = []  # the trainable parameters at capture
         self.grad_ptrs: list[int] = []  # and the addresses of their main_grad buffers
+        self.fused_weights: list[torch.nn.Parameter] = []  # see _fused_wgrad_weights
 
     def eager(self, *args: Any, **kwargs: Any) -> Any:
         """The layer's own (class) forward."""
@@ -179,7 +180,6 @@ class _BlockGraphs:
         self.graphs = [_LayerGraph(layer) for layer in layers]
         self.key: tuple | None = None  # (shape, dtype, rope shape, rope dtype) captured for
         self.entry = 0  # index of the layer whose call captured the block
-        self.fused_weights: list[list[torch.nn.Parameter]] = []
         for layer in layers:
             # A bound method, so that a deep copy of the model rebinds it to the copied layer.
             layer.forward = types.MethodType(_graphed_forward, layer)
@@ -216,7 +216,7 @@ class _BlockGraphs:
             self.entry = index  # the first graphed layer of a forward (0 unless layer 0's input needs no grad)
         if graph.into_main_grad:
             return _Replay.apply(graph, hidden_states, rope), kwargs.get("context")
-        for weight in self.fused_weights[index]:
+        for weight in graph.fused_weights:
             weight.grad_added_to_main_grad = True
         return _Replay.apply(graph, hidden_states, rope, *params), kwargs.get("context")
 
@@ -260,7 +260,7 @@ class _BlockGraphs:
         for graph in self.graphs:
             graph.params = [p for p in graph.layer.parameters() if p.requires_grad]
             graph.grad_ptrs = [_main_grad_ptr(p) for p in graph.params]
-        self.fused_weights = [_fused_wgrad_weights(layer) for layer in self.layers]
+            graph.fused_weights = _fused_wgrad_weights(graph.layer)
         # The warm-up backward passes accumulated fused weight gradients into main_grad.
         for layer in self.layers:
             for param in layer.parameters():
@@ -272,7 +272,7 @@ class _BlockGraphs:
         for graph in self.graphs:
             graph.forward_graph = graph.backward_graph = graph.output = graph.grads = None
             graph.hidden = graph.rope = graph.grad_output = None
-            graph.params, graph.grad_ptrs = [], []
+            graph.params, graph.grad_ptrs, graph.fused_weights = [], [], []
         self.key = None
 
     def _record(self, warmup: int) -> None:
