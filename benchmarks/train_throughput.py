@@ -212,10 +212,8 @@ class StepProfile:
 
     def _kernel_report(self, prof: Any, wall: float) -> list[str]:
         kernels: dict[str, float] = {}
-        for event in prof.events():
-            # gpu_user_annotation ranges (e.g. "Optimizer.step#AdamW.step") span kernels counted already.
-            if event.device_type == torch.autograd.DeviceType.CUDA and "#" not in event.name:
-                kernels[event.name] = kernels.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3
+        for event in _kernel_events(prof):
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3
         breakdown: dict[str, float] = {}
         for name, ms in kernels.items():
             category = next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
@@ -243,14 +241,16 @@ class StepProfile:
         return lines
 
 
+def _kernel_events(prof: Any) -> list[Any]:
+    """The profiled GPU kernels and copies; gpu_user_annotation ranges (e.g.
+    "Optimizer.step#AdamW.step") are left out: they span kernels already counted."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name]
+
+
 def _idle_gaps(prof: Any, top: int = 15) -> list[str]:
     """Where the GPU sat idle: gaps between consecutive kernels, summed by size, and the largest
     ones with the kernels on either side (a CPU-bound or host-syncing step shows up here)."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name
-    )
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in _kernel_events(prof))
     gaps, end, before = [], None, ""
     for start, stop, name in spans:
         if end is not None and start > end:
