@@ -269,6 +269,14 @@ def _idle_gaps(prof: Any, top: int = 15) -> list[str]:
     lines += [f"largest {top} (ms, after -> before):"]
     for gap, after, before_next in sorted(gaps, reverse=True)[:top]:
         lines.append(f"  {gap:8.2f}  {after[:70]} -> {before_next[:70]}")
+    # Launch bubbles repeat at the same places (per layer or microbatch): sum them by neighbours.
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for gap, after, before_next in gaps:
+        if 0.01 <= gap < 0.1:
+            pairs.setdefault((after[:70], before_next[:70]), []).append(gap)
+    lines += [f"10-100 us gaps by neighbours, top {top} by total (ms, count, after -> before):"]
+    for (after, before_next), sizes in sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"  {sum(sizes):8.2f} {len(sizes):6d}  {after} -> {before_next}")
     return lines
 
 
@@ -412,13 +420,14 @@ def run_bare(
     fused_loss: bool | None = None,
     stacked_experts: bool | None = None,
     sorted_dispatch: bool | None = None,
+    tensor_core_router: bool | None = None,
     fused_adam: bool | None = None,
     cuda_graphs: bool | None = None,
 ) -> tuple[list[float], Callable, Callable]:
     """The Megatron model of the lightning case, stepped by a plain loop (no Lightning)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
@@ -430,7 +439,7 @@ def run_bare(
     from lightning_megatron.models.specs import block_spec
     from lightning_megatron.optim import build_megatron_optimizer, optimizer_config_from, use_fused_adam
     from lightning_megatron.precision import MegatronPrecision
-    from lightning_megatron.schedule import split_microbatches
+    from lightning_megatron.schedule import finalize_grads, split_microbatches
 
     if not torch.distributed.is_initialized():
         with socket.socket() as s:
@@ -452,6 +461,7 @@ def run_bare(
     model = _GPTModel(
         fused_loss=lever(fused_loss),
         sorted_dispatch=lever(sorted_dispatch),
+        tensor_core_router=lever(tensor_core_router),
         cuda_graphs=lever(cuda_graphs) and layer_graphs_supported(tconfig, device, use_te=False),
         config=tconfig,
         transformer_layer_spec=block_spec(
@@ -483,7 +493,7 @@ def run_bare(
     )
     if lever(fused_adam):
         use_fused_adam(optimizer)
-    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.finalize_model_grads_func = finalize_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     forward_backward = get_forward_backward_func()
     batch = args.micro_batch_size * args.num_microbatches
@@ -668,6 +678,7 @@ def run_job(args: argparse.Namespace) -> None:
                 fused_loss=variant.get("fused_loss"),
                 stacked_experts=variant.get("stacked_experts"),
                 sorted_dispatch=variant.get("sorted_dispatch"),
+                tensor_core_router=variant.get("tensor_core_router"),
                 fused_adam=variant.get("fused_adam"),
                 cuda_graphs=variant.get("cuda_graphs"),
             )

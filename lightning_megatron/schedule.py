@@ -13,11 +13,39 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 from torch import Tensor
 
 # forward_step(data_iterator, model_chunk) -> (output_tensor, loss_func), Megatron's contract.
 ForwardStep = Callable[[Iterator[dict[str, Tensor]], torch.nn.Module], tuple[Tensor, Callable]]
+
+
+def finalize_grads(
+    model: list[torch.nn.Module], num_tokens: Tensor | None = None, pg_collection: Any = None, **kwargs: Any
+) -> None:
+    """Megatron-Core's ``finalize_model_grads`` (the schedule calls it after the last backward),
+    with the division by the global token count left on the device.
+
+    Megatron's version tests ``num_tokens > 0`` on the host, which waits for every launched
+    kernel of the step and leaves the GPU idle while the host catches up (about 1% of a MoE step
+    on an H100). Same groups, same order, same scaling; 0 tokens still scales by 1.
+    """
+    finalize_model_grads(model, None, pg_collection, **kwargs)
+    if num_tokens is None:
+        return
+    if pg_collection is None:
+        pp_group = ps.get_pipeline_model_parallel_group()
+        dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    else:
+        pp_group, dp_cp_group = pg_collection.pp, pg_collection.dp_cp
+    # The count is known on the last pipeline stage only.
+    torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    torch.distributed.all_reduce(num_tokens, group=dp_cp_group)
+    scaling = torch.where(num_tokens > 0, 1.0 / num_tokens, 1.0)
+    for chunk in model:
+        chunk.scale_gradients(scaling)
 
 
 def split_microbatches(batch: dict[str, Any], micro_batch_size: int) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ The setup reads as a recipe (each step a named method):
 4. Each training step: the module's ``training_step`` calls :meth:`forward_backward`, which runs
    Megatron's pipeline schedule over all microbatches (forward *and* backward); Lightning's own
    backward is then a no-op and ``optimizer_step`` runs Megatron's optimizer.
-5. ``teardown``: unwrap the chunks, destroy the parallel state (a second ``fit`` starts clean).
+5. ``teardown``: unwrap the chunks and free the CUDA graphs; Megatron's process groups are kept
+   for the next ``fit`` with the same layout.
 """
 
 from __future__ import annotations
@@ -35,11 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -288,17 +285,28 @@ class MegatronStrategy(DDPStrategy):
             self.precision_plugin = MegatronPrecision(getattr(plugin, "precision", "32-true"))
 
     def _init_parallel_state(self) -> None:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
+        global _megatron_groups
         p = self.parallel
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=p.tp,
-            pipeline_model_parallel_size=p.pp,
-            virtual_pipeline_model_parallel_size=p.vpp,
-            context_parallel_size=p.cp,
-            expert_model_parallel_size=p.ep,
-            expert_tensor_parallel_size=p.expert_tp,
-        )
+        layout = (p.tp, p.pp, p.vpp, p.cp, p.ep, p.expert_tp)
+        world = torch.distributed.group.WORLD
+        kept = _megatron_groups
+        if (
+            kept is None
+            or kept.layout != layout
+            or kept.world is not world
+            or ps.get_tensor_model_parallel_group(check_initialized=False) is not kept.tp_group
+        ):
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=p.tp,
+                pipeline_model_parallel_size=p.pp,
+                virtual_pipeline_model_parallel_size=p.vpp,
+                context_parallel_size=p.cp,
+                expert_model_parallel_size=p.ep,
+                expert_tensor_parallel_size=p.expert_tp,
+            )
+            _megatron_groups = _MegatronGroups(layout, world, ps.get_tensor_model_parallel_group())
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 1234))
         tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
@@ -412,7 +420,7 @@ class MegatronStrategy(DDPStrategy):
     def _connect_schedule_hooks(self, chunks: list[torch.nn.Module]) -> None:
         config = chunks[0].config
         optimizer = self.optimizers[0].megatron
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = schedule.finalize_grads
         config.grad_scale_func = optimizer.scale_loss
         if self.overlap_grad_reduce:
             no_sync = [chunk.no_sync for chunk in chunks]
@@ -730,12 +738,30 @@ class MegatronStrategy(DDPStrategy):
         self._restore_optimizer = True
         self.optimizers = []
         self.lr_scheduler_configs = []
-        if _distributed_is_initialized() and ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
+        # Megatron's parallel state stays set up: the next fit with this layout reuses its groups
+        # (see _MegatronGroups), and the trained module can still run its parallel layers.
         super().teardown()
         if self._cpu_mode is not None:
             self._cpu_mode.__exit__(None, None, None)
             self._cpu_mode = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _MegatronGroups:
+    """The layout Megatron's process groups were last created for, in this process.
+
+    A fit with the same layout on the same default group reuses them. Creating them anew for
+    every fit leaked: Megatron never frees its groups, each NCCL group holds a communicator with
+    GPU memory of its own, and a process that fits many times (the GPU tests) ran out of memory
+    creating the next ones.
+    """
+
+    layout: tuple
+    world: Any  # the default process group they were split from
+    tp_group: Any  # identifies them: unset or replaced by anyone else means create them again
+
+
+_megatron_groups: _MegatronGroups | None = None
 
 
 def _kept(states: dict[str, Any], keep: Callable[[str], bool] | None) -> dict[str, Any]:

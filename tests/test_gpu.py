@@ -75,12 +75,17 @@ def test_bf16_one_billion_tp1_trains():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_nccl_tp2_and_pp2_match_one_gpu(tmp_path):
-    one = train_layouts(tmp_path, 1, "dense", ["tp1"], accelerator="gpu")
-    two = train_layouts(tmp_path, 2, "dense", ["tp2", "pp2"], accelerator="gpu")
+def test_nccl_layouts_match_one_gpu(tmp_path):
+    """tp2, pp2 and dp2 over NCCL against one GPU. dp2 trains with the layers' CUDA graphs (the
+    default where tp = pp = 1), its gradients reduced by Megatron DDP after the step or, with
+    'overlap', by its hooks while the backward runs."""
+    one = train_layouts(tmp_path, 1, "dense", ["tp1_eager"], accelerator="gpu")
+    two = train_layouts(tmp_path, 2, "dense", ["tp2", "pp2", "dp2", "dp2_overlap"], accelerator="gpu")
     for layout, run in two.items():
-        print(f"\n{layout}: {run['loss']} vs {one['tp1']['loss']}")
-        assert run["loss"] == pytest.approx(one["tp1"]["loss"], abs=1e-4)
+        print(f"\n{layout}: {run['loss']} vs {one['tp1_eager']['loss']}")
+        assert run["loss"] == pytest.approx(one["tp1_eager"]["loss"], abs=1e-4)
+    assert two["dp2"]["graphed_layers"] > 0 and two["dp2_overlap"]["graphed_layers"] > 0
+    assert two["tp2"]["graphed_layers"] == 0 == one["tp1_eager"]["graphed_layers"]
 
 
 def test_gpu_resume_matches_uninterrupted(tmp_path):
@@ -181,6 +186,31 @@ def test_moe_fast_path_bf16_matches_per_expert_path_without_host_syncs():
     assert runs[True] == pytest.approx(runs[False], abs=3e-2)
 
 
+def test_tensor_core_router_matches_megatrons_fp32_gemm():
+    """The fp32 router logits from bf16 tensor-core GEMMs (the fast path) against Megatron's fp32
+    GEMM on fp32 copies: the same products, summed in another order; the gradients, rounded
+    once to bf16 by both, agree to that rounding."""
+    from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+    from lightning_megatron.models.moe import _Fp32Logits
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4096, 1536, device="cuda").bfloat16()
+    w = (torch.randn(32, 1536, device="cuda") * 0.02).bfloat16()
+    grad = torch.randn(2, 4096, 32, device="cuda")
+    results = []
+    for logits in (lambda x, w: router_gating_linear(x, w, None, torch.float32), _Fp32Logits.apply):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = logits(xi, wi)
+        y.backward(grad)
+        results.append((y, xi.grad, wi.grad))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = results[1], results[0]
+    assert y.dtype == torch.float32 and gx.dtype == gw.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(gw.float(), gw_ref.float(), rtol=8e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("family, overlap", [("qwen2", False), ("qwen2_moe", False), ("qwen2_moe", True)])
 def test_cuda_graphs_train_like_eager(family, overlap):
     """Transformer layers replayed as CUDA graphs (the default on one GPU) against the same model
@@ -195,20 +225,29 @@ def test_cuda_graphs_train_like_eager(family, overlap):
 
     moe = MOE | {"moe_aux_loss_coeff": 0.01}
     config = GPTConfig.preset(family, **CONFIG, **(moe if family == "qwen2_moe" else {}))
+
+    def graph_keys(module):
+        layers = [m for m in module.modules() if isinstance(m, TransformerLayer)]
+        return [getattr(getattr(layer, "cuda_graphs", None), "key", None) for layer in layers]
+
+    class Captured(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            self.keys = graph_keys(module)
+
     runs, captured = {}, {}
     for graphs in (True, False):
-        losses = Losses()
+        losses, first, second = Losses(), Captured(), Captured()
         strategy = MegatronStrategy(micro_batch_size=2, cuda_graphs=graphs, overlap_grad_reduce=overlap)
-        trainer = gpu_trainer(6, [losses], strategy, val_check_interval=3, limit_val_batches=2)
+        trainer = gpu_trainer(6, [losses, first], strategy, val_check_interval=3, limit_val_batches=2)
         module = GPTModule(config, lr=3e-3)
         trainer.fit(module, loader(), loader())
         # A second fit of the same module: a new DDP wrapper with new gradient buffers, which the
         # graphs must notice (and be captured again for) instead of adding into the old ones.
         strategy = MegatronStrategy(micro_batch_size=2, cuda_graphs=graphs, overlap_grad_reduce=overlap)
-        gpu_trainer(3, [losses], strategy).fit(module, loader())
-        layers = [m for m in module.modules() if isinstance(m, TransformerLayer)]
-        captured[graphs] = [getattr(getattr(layer, "cuda_graphs", None), "key", None) for layer in layers]
+        gpu_trainer(3, [losses, second], strategy).fit(module, loader())
+        captured[graphs] = first.keys + second.keys
         runs[graphs] = losses.values
+        assert not any(graph_keys(module))  # the end of a fit frees its graphs
     print(f"\n{family} graphs {runs[True]}\n{family} eager  {runs[False]}")
     assert all(captured[True]) and not any(captured[False])
     assert runs[True] == pytest.approx(runs[False], abs=2e-3)

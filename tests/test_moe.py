@@ -71,6 +71,8 @@ def test_fast_path_trains_like_megatron_per_expert_path():
     assert isinstance(experts_of(fast_model).token_dispatcher, SortedTokenDispatcher)
     assert type(experts_of(slow_model).experts) is GroupedExperts
     assert not isinstance(experts_of(slow_model).token_dispatcher, SortedTokenDispatcher)
+    # The tensor-core router is installed on the fast path; on CPU it runs Megatron's fp32 GEMM.
+    assert "gating" in vars(experts_of(fast_model).router) and "gating" not in vars(experts_of(slow_model).router)
     assert fast == pytest.approx(slow, abs=2e-5)
 
 

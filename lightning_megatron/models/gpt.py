@@ -20,7 +20,7 @@ from lightning_megatron.models.config import GPTConfig
 from lightning_megatron.models.graphs import use_layer_graphs
 from lightning_megatron.models.init import init_weights
 from lightning_megatron.models.kernels import vocab_parallel_cross_entropy
-from lightning_megatron.models.moe import use_sorted_dispatch
+from lightning_megatron.models.moe import use_sorted_dispatch, use_tensor_core_router
 from lightning_megatron.models.specs import block_spec
 from lightning_megatron.optim import warmup_decay_lr
 
@@ -121,6 +121,7 @@ class GPTModule(L.LightningModule):
                 _GPTModel(
                     fused_loss=strategy.fused_kernels,
                     sorted_dispatch=strategy.fused_kernels,
+                    tensor_core_router=strategy.fused_kernels,
                     cuda_graphs=strategy.use_cuda_graphs(tconfig),
                     grads_into_main_grad=not strategy.overlap_grad_reduce,
                     config=tconfig,
@@ -298,17 +299,24 @@ class GPTModule(L.LightningModule):
 
 
 class _GPTModel(GPTModel):
-    """Megatron-Core's ``GPTModel``; with ``fused_loss`` its loss is our
-    :func:`~lightning_megatron.models.kernels.vocab_parallel_cross_entropy` (bf16 logits stay bf16),
-    with ``sorted_dispatch`` its MoE layers route through :func:`~lightning_megatron.models.moe.use_sorted_dispatch`
-    where no token leaves the rank, with ``cuda_graphs`` its transformer layers train as CUDA graphs
-    (:func:`~lightning_megatron.models.graphs.use_layer_graphs`)."""
+    """Megatron-Core's ``GPTModel`` with the fast path's switches:
+
+    - ``fused_loss``: our :func:`~lightning_megatron.models.kernels.vocab_parallel_cross_entropy`
+      (bf16 logits stay bf16);
+    - ``sorted_dispatch``: MoE layers route through :func:`~lightning_megatron.models.moe.use_sorted_dispatch`
+      where no token leaves the rank;
+    - ``tensor_core_router``: fp32 router logits from bf16 tensor-core GEMMs
+      (:func:`~lightning_megatron.models.moe.use_tensor_core_router`);
+    - ``cuda_graphs``: transformer layers train as CUDA graphs
+      (:func:`~lightning_megatron.models.graphs.use_layer_graphs`).
+    """
 
     def __init__(
         self,
         *args: Any,
         fused_loss: bool = False,
         sorted_dispatch: bool = False,
+        tensor_core_router: bool = False,
         cuda_graphs: bool = False,
         grads_into_main_grad: bool = True,
         **kwargs: Any,
@@ -317,6 +325,8 @@ class _GPTModel(GPTModel):
         self.fused_loss = fused_loss
         if sorted_dispatch:
             use_sorted_dispatch(self)
+        if tensor_core_router:
+            use_tensor_core_router(self)
         if cuda_graphs:
             use_layer_graphs(self, grads_into_main_grad)
 

@@ -63,6 +63,7 @@ MODELS = {
 def parse_layout(name: str, devices: int) -> dict:
     """'tp2_pp2_vpp2_ep2_sp_mbs2' -> strategy kwargs; the rest of the world is data parallel.
     'overlap' turns on Megatron DDP's overlapped grad reduce-scatter and param all-gather;
+    'eager' turns off the CUDA graphs of the layers (on by default where they apply);
     'noloadoptim' resumes without the optimizer state; 'fullyreshardable' saves the optimizer
     state in Megatron's fully reshardable format."""
     kwargs: dict = {"micro_batch_size": 1}
@@ -71,6 +72,8 @@ def parse_layout(name: str, devices: int) -> dict:
             kwargs["sp"] = True
         elif part == "overlap":
             kwargs.update(overlap_grad_reduce=True, overlap_param_gather=True)
+        elif part == "eager":
+            kwargs["cuda_graphs"] = False
         elif part == "noloadoptim":
             kwargs["checkpoint_io"] = MegatronCheckpointIO(no_load_optim=True)
         elif part == "fullyreshardable":
@@ -87,15 +90,19 @@ class Record(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
+        self.graphed_layers = 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
         self.grad_norms.append(trainer.strategy.optimizers[0].last_grad_norm)
+        graphs = [getattr(m, "cuda_graphs", None) for m in module.modules()]
+        self.graphed_layers = sum(getattr(g, "key", None) is not None for g in graphs)
 
     def on_train_end(self, trainer, module) -> None:
         # callback_metrics travel back to the calling process when the ranks were forked/spawned.
         trainer.callback_metrics["record/loss"] = torch.tensor(self.losses, dtype=torch.float64)
         trainer.callback_metrics["record/grad_norm"] = torch.tensor(self.grad_norms, dtype=torch.float64)
+        trainer.callback_metrics["record/graphed_layers"] = torch.tensor(self.graphed_layers)
 
 
 def train(
@@ -150,6 +157,7 @@ def train(
     result = {
         "loss": trainer.callback_metrics["record/loss"].tolist(),
         "grad_norm": trainer.callback_metrics["record/grad_norm"].tolist(),
+        "graphed_layers": int(trainer.callback_metrics["record/graphed_layers"]),
     }
     if predict:
         # Logits of the trained model on one batch (the prediction path gathers TP shards and
