@@ -186,6 +186,22 @@ def test_moe_fast_path_bf16_matches_per_expert_path_without_host_syncs():
     assert runs[True] == pytest.approx(runs[False], abs=3e-2)
 
 
+def test_weight_gradient_accumulates_into_fp32_main_grad_in_the_gemm():
+    """gradient_accumulation_fusion's GEMM: the bf16 weight gradient is summed in fp32 straight
+    into main_grad, never rounded to bf16 (the unfused fallback's error is ~100x larger)."""
+    from lightning_megatron.models.kernels import HAS_FP32_OUT_GEMM, wgrad_gemm_accum_fp32
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 1024, device="cuda").bfloat16()
+    g = torch.randn(4096, 512, device="cuda").bfloat16()
+    main_grad = torch.randn(512, 1024, device="cuda")
+    exact = main_grad.double() + g.double().t() @ x.double()
+    wgrad_gemm_accum_fp32(x, g, main_grad)
+    error = (main_grad.double() - exact).abs().max().item()
+    rounding = ((g.t() @ x).double() - g.double().t() @ x.double()).abs().max().item()  # the fallback's
+    assert HAS_FP32_OUT_GEMM and error < 1e-3 < rounding, (error, rounding)
+
+
 def test_tensor_core_router_matches_megatrons_fp32_gemm():
     """The fp32 router logits from bf16 tensor-core GEMMs (the fast path) against Megatron's fp32
     GEMM on fp32 copies: the same products, summed in another order; the gradients, rounded

@@ -153,17 +153,15 @@ def rotary(t: Tensor, freqs: Tensor, interleaved: bool = False) -> Tensor:
 def wgrad_gemm_accum_fp32(total_input: Tensor, grad_output: Tensor, main_grad: Tensor) -> None:
     """``main_grad += grad_output^T @ total_input`` with fp32 accumulation, in one GEMM on CUDA
     (cuBLAS reads and writes the fp32 ``main_grad`` as its C matrix, beta=1)."""
-    global _addmm_out_dtype
-    if _addmm_out_dtype and main_grad.is_cuda and total_input.dtype != torch.float32:
-        try:
-            torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
-            return
-        except (RuntimeError, TypeError):  # torch without the out_dtype overload for this case
-            _addmm_out_dtype = False
+    if main_grad.is_cuda and total_input.dtype != torch.float32 and HAS_FP32_OUT_GEMM:
+        torch.ops.aten.addmm.dtype_out(main_grad, grad_output.t(), total_input, torch.float32, out=main_grad)
+        return
     main_grad.add_(grad_output.t().matmul(total_input).to(main_grad.dtype))
 
 
-_addmm_out_dtype = True
+# 16-bit inputs, fp32 output (torch >= 2.8). Called through torch.ops: torch 2.11's Python
+# signatures of mm/addmm do not take its out_dtype argument.
+HAS_FP32_OUT_GEMM = hasattr(torch.ops.aten.addmm, "dtype_out") and hasattr(torch.ops.aten.mm, "dtype")
 
 
 def wgrad_gemm_accum_fp16(total_input: Tensor, grad_output: Tensor, main_grad: Tensor) -> None:

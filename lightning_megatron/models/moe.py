@@ -43,7 +43,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 from torch import Tensor
 
-from lightning_megatron.models.kernels import compiled_on_cuda
+from lightning_megatron.models.kernels import HAS_FP32_OUT_GEMM, compiled_on_cuda
 
 _EXTRA_STATE = "sequential_mlp_extra_state."
 
@@ -383,7 +383,7 @@ def use_tensor_core_router(model: torch.nn.Module) -> int:
 
 
 def _tensor_core_gating(router: TopKRouter, x: Tensor) -> Tensor:
-    if x.is_cuda and router.weight.is_cuda and x.dtype == router.weight.dtype == torch.bfloat16:
+    if x.is_cuda and router.weight.is_cuda and x.dtype == router.weight.dtype == torch.bfloat16 and HAS_FP32_OUT_GEMM:
         return _Fp32Logits.apply(x, router.weight)
     return type(router).gating(router, x)
 
@@ -396,7 +396,7 @@ class _Fp32Logits(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
         ctx.save_for_backward(x, w)
         flat = x.reshape(-1, x.shape[-1])
-        return torch.mm(flat, w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+        return torch.ops.aten.mm.dtype(flat, w.t(), torch.float32).view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -407,7 +407,7 @@ class _Fp32Logits(torch.autograd.Function):
         both = torch.cat([high, low], dim=1)
         # grad_x = (high + low) @ w as one GEMM over the doubled inner dimension: one rounding.
         grad_x = both.mm(torch.cat([w, w], dim=0))
-        parts = both.t().mm(x.reshape(-1, x.shape[-1]), out_dtype=torch.float32)
+        parts = torch.ops.aten.mm.dtype(both.t(), x.reshape(-1, x.shape[-1]), torch.float32)
         grad_w = parts[: w.shape[0]] + parts[w.shape[0] :]
         return grad_x.view_as(x), grad_w.to(w.dtype)
 
