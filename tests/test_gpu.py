@@ -199,7 +199,7 @@ def test_weight_gradient_accumulates_into_fp32_main_grad_in_the_gemm():
     wgrad_gemm_accum_fp32(x, g, main_grad)
     error = (main_grad.double() - exact).abs().max().item()
     rounding = ((g.t() @ x).double() - g.double().t() @ x.double()).abs().max().item()  # the fallback's
-    assert HAS_FP32_OUT_GEMM and error < 1e-3 < rounding, (error, rounding)
+    assert HAS_FP32_OUT_GEMM and error < 1e-2 < rounding, (error, rounding)
 
 
 def test_tensor_core_router_matches_megatrons_fp32_gemm():
