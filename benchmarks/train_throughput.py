@@ -703,13 +703,13 @@ def print_table(rows: list[dict[str, Any]], peak: float | None) -> None:
     hf = {r["shape"]: r["tokens_per_sec"] for r in rows if r["case"] == "hf"}
     bare = {r["shape"]: r["tokens_per_sec"] for r in rows if r["case"] == "bare"}
     for r in rows:
-        ratio = r["tokens_per_sec"] / hf[r["shape"]] if r["shape"] in hf else float("nan")
+        ratio = f"{r['tokens_per_sec'] / hf[r['shape']]:.2f}x" if r["shape"] in hf else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
         reserved = f"{r['reserved_gib']:.1f}" if r.get("reserved_gib") is not None else "-"
         print(
             f"| {r['shape']} | {r['case']} | {r['tokens_per_sec']:,.0f} | {r['tflops']:.1f} | {mfu} | {mem} | "
-            f"{reserved} | {ratio:.2f}x |"
+            f"{reserved} | {ratio} |"
         )
     for shape in bare:
         light = next((r for r in rows if r["shape"] == shape and r["case"] == "lightning"), None)
