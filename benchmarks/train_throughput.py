@@ -421,6 +421,7 @@ def run_bare(
     stacked_experts: bool | None = None,
     sorted_dispatch: bool | None = None,
     tensor_core_router: bool | None = None,
+    embedding_grads: bool | None = None,
     fused_adam: bool | None = None,
     cuda_graphs: bool | None = None,
 ) -> tuple[list[float], Callable, Callable]:
@@ -462,6 +463,7 @@ def run_bare(
         fused_loss=lever(fused_loss),
         sorted_dispatch=lever(sorted_dispatch),
         tensor_core_router=lever(tensor_core_router),
+        embedding_grads_into_main_grad=lever(embedding_grads),
         cuda_graphs=lever(cuda_graphs) and layer_graphs_supported(tconfig, device, use_te=False),
         config=tconfig,
         transformer_layer_spec=block_spec(
@@ -679,6 +681,7 @@ def run_job(args: argparse.Namespace) -> None:
                 stacked_experts=variant.get("stacked_experts"),
                 sorted_dispatch=variant.get("sorted_dispatch"),
                 tensor_core_router=variant.get("tensor_core_router"),
+                embedding_grads=variant.get("embedding_grads"),
                 fused_adam=variant.get("fused_adam"),
                 cuda_graphs=variant.get("cuda_graphs"),
             )

@@ -106,3 +106,27 @@ def test_cuda_graphs_asked_for_where_they_cannot_apply_is_refused():
     model = GPTModule(GPTConfig.preset("qwen2", **CONFIG), lr=1e-3)
     trainer(max_steps=1, callbacks=[losses]).fit(model, loader())
     assert len(losses.values) == 1
+
+
+def test_embedding_gradient_rows_go_into_main_grad():
+    """The word embedding's backward adds its rows into main_grad (repeated ids summed), marks the
+    weight for DDP's hook, and hands autograd a placeholder; without Megatron DDP it returns the
+    ordinary dense gradient."""
+    from lightning_megatron.models.kernels import _EmbeddingIntoMainGrad
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[3, 1, 3], [0, 3, 5]])
+    grad = torch.randn(2, 3, 4)
+    reference = torch.zeros(7, 4).index_add_(0, ids.reshape(-1), grad.reshape(-1, 4))
+
+    plain = torch.nn.Parameter(torch.randn(7, 4))
+    out = _EmbeddingIntoMainGrad.apply(ids, plain)
+    assert torch.equal(out, plain[ids])
+    out.backward(grad)
+    assert torch.allclose(plain.grad, reference)
+
+    wrapped = torch.nn.Parameter(torch.randn(7, 4).bfloat16())
+    wrapped.main_grad, wrapped.grad_added_to_main_grad = torch.ones(7, 4), False
+    _EmbeddingIntoMainGrad.apply(ids, wrapped).backward(grad.bfloat16())
+    assert torch.allclose(wrapped.main_grad, 1 + reference, atol=1e-2) and wrapped.grad_added_to_main_grad
+    assert wrapped.grad.shape == wrapped.shape  # the placeholder DDP's hook discards

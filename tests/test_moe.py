@@ -35,11 +35,16 @@ def fit(fused: bool, steps: int, ckpt_path=None, save_to=None, optim_format="dp_
     return losses.values, model
 
 
-def experts_of(model):
+def gpt_of(model):
+    """The Megatron GPTModel inside the module's (DDP- and Float16Module-wrapped) first chunk."""
     chunk = model.chunks[0]
     while not hasattr(chunk, "decoder"):
         chunk = chunk.module
-    return chunk.decoder.layers[0].mlp
+    return chunk
+
+
+def experts_of(model):
+    return gpt_of(model).decoder.layers[0].mlp
 
 
 def test_rows_expand_and_sum_are_each_others_adjoint():
@@ -73,6 +78,9 @@ def test_fast_path_trains_like_megatron_per_expert_path():
     assert not isinstance(experts_of(slow_model).token_dispatcher, SortedTokenDispatcher)
     # The tensor-core router is installed on the fast path; on CPU it runs Megatron's fp32 GEMM.
     assert "gating" in vars(experts_of(fast_model).router) and "gating" not in vars(experts_of(slow_model).router)
+    # So are the embedding's gradient rows straight into main_grad (the model's embeddings are untied).
+    fast_embedding, slow_embedding = (gpt_of(m).embedding.word_embeddings for m in (fast_model, slow_model))
+    assert "forward" in vars(fast_embedding) and "forward" not in vars(slow_embedding)
     assert fast == pytest.approx(slow, abs=2e-5)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_megatron.models.config import GPTConfig
 from lightning_megatron.models.graphs import use_layer_graphs
 from lightning_megatron.models.init import init_weights
-from lightning_megatron.models.kernels import vocab_parallel_cross_entropy
+from lightning_megatron.models.kernels import use_embedding_grads_into_main_grad, vocab_parallel_cross_entropy
 from lightning_megatron.models.moe import use_sorted_dispatch, use_tensor_core_router
 from lightning_megatron.models.specs import block_spec
 from lightning_megatron.optim import warmup_decay_lr
@@ -122,6 +122,7 @@ class GPTModule(L.LightningModule):
                     fused_loss=strategy.fused_kernels,
                     sorted_dispatch=strategy.fused_kernels,
                     tensor_core_router=strategy.fused_kernels,
+                    embedding_grads_into_main_grad=strategy.fused_kernels,
                     cuda_graphs=strategy.use_cuda_graphs(tconfig),
                     grads_into_main_grad=not strategy.overlap_grad_reduce,
                     config=tconfig,
@@ -307,6 +308,8 @@ class _GPTModel(GPTModel):
       where no token leaves the rank;
     - ``tensor_core_router``: fp32 router logits from bf16 tensor-core GEMMs
       (:func:`~lightning_megatron.models.moe.use_tensor_core_router`);
+    - ``embedding_grads_into_main_grad``: the word embedding's gradient rows go straight into
+      ``main_grad`` (:func:`~lightning_megatron.models.kernels.use_embedding_grads_into_main_grad`);
     - ``cuda_graphs``: transformer layers train as CUDA graphs
       (:func:`~lightning_megatron.models.graphs.use_layer_graphs`).
     """
@@ -317,6 +320,7 @@ class _GPTModel(GPTModel):
         fused_loss: bool = False,
         sorted_dispatch: bool = False,
         tensor_core_router: bool = False,
+        embedding_grads_into_main_grad: bool = False,
         cuda_graphs: bool = False,
         grads_into_main_grad: bool = True,
         **kwargs: Any,
@@ -327,6 +331,8 @@ class _GPTModel(GPTModel):
             use_sorted_dispatch(self)
         if tensor_core_router:
             use_tensor_core_router(self)
+        if embedding_grads_into_main_grad and self.pre_process:
+            use_embedding_grads_into_main_grad(self)
         if cuda_graphs:
             use_layer_graphs(self, grads_into_main_grad)
 
