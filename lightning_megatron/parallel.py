@@ -51,6 +51,18 @@ class ParallelConfig:
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
+    def megatron_sizes(self) -> dict[str, int | None]:
+        """The sizes under Megatron's names, as ``initialize_model_parallel`` and
+        ``TransformerConfig`` both take them."""
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp,
+            context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.expert_tp,
+        )
+
     def dp(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
 

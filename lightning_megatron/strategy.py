@@ -219,12 +219,7 @@ class MegatronStrategy(DDPStrategy):
         """Layout, precision, recompute and fp8 fields for the model's ``TransformerConfig``."""
         p = self.parallel
         values: dict[str, Any] = dict(
-            tensor_model_parallel_size=p.tp,
-            pipeline_model_parallel_size=p.pp,
-            virtual_pipeline_model_parallel_size=p.vpp,
-            context_parallel_size=p.cp,
-            expert_model_parallel_size=p.ep,
-            expert_tensor_parallel_size=p.expert_tp,
+            **p.megatron_sizes(),
             sequence_parallel=p.sp,
             **self.precision.transformer_config_kwargs(),
             **self.recompute.to_megatron(),
@@ -286,8 +281,8 @@ class MegatronStrategy(DDPStrategy):
 
     def _init_parallel_state(self) -> None:
         global _megatron_groups
-        p = self.parallel
-        layout = (p.tp, p.pp, p.vpp, p.cp, p.ep, p.expert_tp)
+        sizes = self.parallel.megatron_sizes()
+        layout = tuple(sizes.values())
         world = torch.distributed.group.WORLD
         kept = _megatron_groups
         if (
@@ -298,14 +293,7 @@ class MegatronStrategy(DDPStrategy):
         ):
             if ps.model_parallel_is_initialized():
                 ps.destroy_model_parallel()
-            ps.initialize_model_parallel(
-                tensor_model_parallel_size=p.tp,
-                pipeline_model_parallel_size=p.pp,
-                virtual_pipeline_model_parallel_size=p.vpp,
-                context_parallel_size=p.cp,
-                expert_model_parallel_size=p.ep,
-                expert_tensor_parallel_size=p.expert_tp,
-            )
+            ps.initialize_model_parallel(**sizes)
             _megatron_groups = _MegatronGroups(layout, world, ps.get_tensor_model_parallel_group())
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 1234))
         tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
