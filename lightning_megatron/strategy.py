@@ -9,8 +9,8 @@ The setup reads as a recipe (each step a named method):
 4. Each training step: the module's ``training_step`` calls :meth:`forward_backward`, which runs
    Megatron's pipeline schedule over all microbatches (forward *and* backward); Lightning's own
    backward is then a no-op and ``optimizer_step`` runs Megatron's optimizer.
-5. ``teardown``: unwrap the chunks and free the CUDA graphs; Megatron's process groups are kept
-   for the next ``fit`` with the same layout.
+5. ``teardown``: unwrap the chunks and free the CUDA graphs; on NCCL, Megatron's process groups
+   are kept for the next ``fit`` with the same layout (on gloo they are destroyed).
 """
 
 from __future__ import annotations
@@ -726,8 +726,11 @@ class MegatronStrategy(DDPStrategy):
         self._restore_optimizer = True
         self.optimizers = []
         self.lr_scheduler_configs = []
-        # Megatron's parallel state stays set up: the next fit with this layout reuses its groups
-        # (see _MegatronGroups), and the trained module can still run its parallel layers.
+        if _distributed_is_initialized() and torch.distributed.get_backend() != "nccl":
+            # gloo groups cost no GPU memory, so they are not kept (see _MegatronGroups): kept
+            # ones would outlive the fit, and a child forked later (the notebook's TP=2 cell)
+            # would free the parent's groups and crash.
+            _forget_megatron_groups()
         super().teardown()
         if self._cpu_mode is not None:
             self._cpu_mode.__exit__(None, None, None)
@@ -738,10 +741,11 @@ class MegatronStrategy(DDPStrategy):
 class _MegatronGroups:
     """The layout Megatron's process groups were last created for, in this process.
 
-    A fit with the same layout on the same default group reuses them. Creating them anew for
-    every fit leaked: Megatron never frees its groups, each NCCL group holds a communicator with
-    GPU memory of its own, and a process that fits many times (the GPU tests) ran out of memory
-    creating the next ones.
+    On NCCL, a fit with the same layout on the same default group reuses them, and the teardown
+    keeps them (the trained module can still run its parallel layers). Creating them anew for
+    every fit leaked: Megatron never frees its groups, and each NCCL group holds a communicator
+    with GPU memory of its own (6.6 GB per set on one H100), so a process that fits many times
+    (the GPU tests) ran out of memory creating the next ones. gloo groups are created per fit.
     """
 
     layout: tuple
@@ -750,6 +754,13 @@ class _MegatronGroups:
 
 
 _megatron_groups: _MegatronGroups | None = None
+
+
+def _forget_megatron_groups() -> None:
+    global _megatron_groups
+    _megatron_groups = None
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
 
 
 def _kept(states: dict[str, Any], keep: Callable[[str], bool] | None) -> dict[str, Any]:

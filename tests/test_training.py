@@ -67,7 +67,6 @@ def test_validate_predict_and_second_fit_in_one_process():
     t = trainer(val_check_interval=3)
     t.fit(model, data, data)
     assert "val/loss" in t.callback_metrics and "val/ppl" in t.callback_metrics
-    groups = ps.get_tensor_model_parallel_group()
     # validate and predict reuse the trained module (new setup, same weights).
     metrics = trainer().validate(model, data)
     assert metrics[0]["val/loss"] == pytest.approx(float(t.callback_metrics["val/loss"]), rel=1e-5)
@@ -77,12 +76,9 @@ def test_validate_predict_and_second_fit_in_one_process():
     losses = Losses()
     trainer(callbacks=[losses]).fit(model, data)
     assert len(losses.values) == 3 and all(torch.isfinite(torch.tensor(losses.values)))
-    # Every setup with this layout reused the first fit's process groups (Megatron never frees
-    # them); once someone else tears Megatron's state down, the next setup creates them again.
-    assert ps.get_tensor_model_parallel_group() is groups
-    ps.destroy_model_parallel()
-    trainer().validate(model, data)
-    assert ps.get_tensor_model_parallel_group() not in (None, groups)
+    # On gloo every fit creates Megatron's groups and its teardown destroys them (NCCL keeps them
+    # for the next fit with the same layout: tests/test_gpu.py).
+    assert not ps.model_parallel_is_initialized()
 
 
 class ReturnsOptimizer(GPTModule):
