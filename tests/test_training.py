@@ -192,6 +192,26 @@ def test_padding_and_loss_mask_exclude_tokens():
     assert inputs["attention_mask"].shape == (1, 1, 8, 8)
 
 
+def test_a_batch_without_target_tokens_trains_nothing():
+    """Every label masked: the global token count is 0, so the gradients are scaled by 1 (not
+    divided by 0; the division happens on the device, see schedule.finalize_grads): the loss
+    is 0, the gradient norm 0, nothing is NaN."""
+
+    class GradNorms(L.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.values.append(trainer.strategy.optimizers[0].last_grad_norm)
+
+    ids = torch.randint(0, CONFIG["vocab_size"], (8, 32))
+    rows = [{"input_ids": row, "labels": torch.full_like(row, -100)} for row in ids]
+    losses, norms = Losses(), GradNorms()
+    model = GPTModule(GPTConfig.preset("qwen2", **CONFIG), lr=1e-3)
+    trainer(max_steps=2, callbacks=[losses, norms]).fit(model, DataLoader(rows, batch_size=4))
+    assert losses.values == [0.0, 0.0] and norms.values == [0.0, 0.0]
+
+
 def test_fp16_uses_dynamic_loss_scaling():
     # Lightning turns "16-mixed" into bf16 on CPU; passing the plugin keeps fp16 (CPU has fp16 kernels).
     from lightning_megatron import MegatronPrecision
