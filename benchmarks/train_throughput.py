@@ -186,6 +186,7 @@ class StepProfile:
         if self.steps_done == 0:
             self._torch.__exit__(None, None, None)
             self._lines = self._kernel_report(self._torch, wall)
+            self._write_timeline(self._torch)
         elif self.steps_done == 1:
             import io
             import pstats
@@ -209,6 +210,16 @@ class StepProfile:
             self.result["host_syncs"] = sum(syncs.values())
             self.path.write_text("\n".join(self._lines) + "\n")
         self.steps_done += 1
+
+    def _write_timeline(self, prof: Any) -> None:
+        """Every kernel of the profiled step in order (start and duration in us, name): what the
+        summaries cannot show, such as which kernels sit next to a gap, layer by layer."""
+        events = sorted(_kernel_events(prof), key=lambda e: e.time_range.start)
+        if not events:
+            return
+        t0 = events[0].time_range.start
+        rows = [f"{e.time_range.start - t0:.1f}\t{e.time_range.elapsed_us():.1f}\t{e.name[:120]}" for e in events]
+        self.path.with_suffix(".tsv").write_text("start_us\tus\tkernel\n" + "\n".join(rows) + "\n")
 
     def _kernel_report(self, prof: Any, wall: float) -> list[str]:
         kernels: dict[str, float] = {}
@@ -242,9 +253,16 @@ class StepProfile:
 
 
 def _kernel_events(prof: Any) -> list[Any]:
-    """The profiled GPU kernels and copies; gpu_user_annotation ranges (e.g.
-    "Optimizer.step#AdamW.step") are left out: they span kernels already counted."""
-    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name]
+    """The profiled GPU kernels and copies, without the ``gpu_user_annotation`` ranges (such as
+    "Optimizer.step#AdamW.step") that span kernels already counted. Kernel names contain "#" too
+    (C++ lambdas: ``{lambda()#1}``), so the ranges are told apart by their flag or plain name."""
+    return [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and not re.fullmatch(r"[\w.]+#[\w.]+", e.name)
+    ]
 
 
 def _idle_gaps(prof: Any, top: int = 15) -> list[str]:
@@ -422,6 +440,10 @@ def run_bare(
     sorted_dispatch: bool | None = None,
     tensor_core_router: bool | None = None,
     embedding_grads: bool | None = None,
+    expert_wgrad_fusion: bool | None = None,
+    compiled_norm: bool | None = None,
+    shared_gate: bool | None = None,
+    fused_qkv: bool | None = None,
     fused_adam: bool | None = None,
     cuda_graphs: bool | None = None,
 ) -> tuple[list[float], Callable, Callable]:
@@ -471,6 +493,9 @@ def run_bare(
             use_te=False,
             grouped_experts=lever(grouped_experts),
             stacked_experts=lever(stacked_experts),
+            compiled_norm=lever(compiled_norm),
+            fused_shared_gate=lever(shared_gate),
+            fused_qkv=lever(fused_qkv),
         ),
         vocab_size=config.padded_vocab_size(1),
         max_sequence_length=config.max_position_embeddings,
@@ -480,6 +505,9 @@ def run_bare(
     )
     init_weights([model], 1234, config.init_method_std, config.num_layers)
     limit_wgrad_fusion([model])
+    for module in model.modules():
+        if hasattr(module, "fuse_wgrad"):  # StackedExperts (on with gradient_accumulation_fusion)
+            module.fuse_wgrad = module.fuse_wgrad and lever(expert_wgrad_fusion)
     chunk: torch.nn.Module = Float16Module(tconfig, model) if plugin.params_dtype != torch.float32 else model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=plugin.grad_reduce_in_fp32, use_distributed_optimizer=True, check_for_nan_in_grad=False
@@ -682,6 +710,10 @@ def run_job(args: argparse.Namespace) -> None:
                 sorted_dispatch=variant.get("sorted_dispatch"),
                 tensor_core_router=variant.get("tensor_core_router"),
                 embedding_grads=variant.get("embedding_grads"),
+                expert_wgrad_fusion=variant.get("expert_wgrad_fusion"),
+                compiled_norm=variant.get("compiled_norm"),
+                shared_gate=variant.get("shared_gate"),
+                fused_qkv=variant.get("fused_qkv"),
                 fused_adam=variant.get("fused_adam"),
                 cuda_graphs=variant.get("cuda_graphs"),
             )

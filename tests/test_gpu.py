@@ -202,6 +202,99 @@ def test_weight_gradient_accumulates_into_fp32_main_grad_in_the_gemm():
     assert HAS_FP32_OUT_GEMM and error < 1e-2 < rounding, (error, rounding)
 
 
+def test_expert_weight_gradients_accumulate_into_fp32_main_grad_in_the_gemm():
+    """The Triton grouped GEMM adds each expert's ``grad^T @ x`` into its fp32 main_grad tile by
+    tile, to fp32 accuracy: uneven experts, an empty one, shapes that are no multiple of the tiles,
+    and what was in main_grad before is kept."""
+    from lightning_megatron.models.expert_gemm import grouped_wgrad_accumulate
+
+    torch.manual_seed(0)
+    counts = torch.tensor([300, 0, 1, 517, 64, 90], device="cuda")
+    ends = counts.cumsum(0).to(torch.int32)
+    rows, out, inp = int(counts.sum()), 200, 136
+    grad = torch.randn(rows, out, device="cuda").bfloat16()
+    x = torch.randn(rows, inp, device="cuda").bfloat16()
+    main_grad = torch.randn(len(counts), out, inp, device="cuda")
+    exact = main_grad.double().clone()
+    for e, (start, stop) in enumerate(zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True)):
+        exact[e] += grad[start:stop].double().t() @ x[start:stop].double()
+    grouped_wgrad_accumulate(grad, x, ends, main_grad)
+    assert (main_grad.double() - exact).abs().max().item() < 1e-3
+
+
+def test_stacked_experts_train_alike_with_and_without_the_fused_weight_gradient():
+    """The MoE model with its expert weight gradients accumulated in the GEMM (the default) against
+    the same model with torch's grouped GEMM gradient and a separate fp32 add: the same steps."""
+    from tests.test_moe import MOE, experts_of
+    from tests.test_training import CONFIG, loader
+
+    class Switch(L.Callback):
+        def __init__(self, fuse: bool) -> None:
+            self.fuse = fuse
+
+        def on_train_start(self, trainer, module):
+            experts = experts_of(module).experts
+            assert experts.fuse_wgrad and experts.weights_into_main_grad()  # on by default
+            experts.fuse_wgrad = self.fuse
+
+    runs = {}
+    for fuse in (True, False):
+        losses = Losses()
+        trainer = gpu_trainer(6, [losses, Switch(fuse)], MegatronStrategy(micro_batch_size=2, cuda_graphs=False))
+        trainer.fit(GPTModule(GPTConfig.preset("qwen2_moe", **CONFIG, **MOE), lr=3e-3), loader())
+        runs[fuse] = losses.values
+    assert runs[True] == pytest.approx(runs[False], abs=2e-3)
+
+
+def test_shared_expert_gate_is_as_accurate_as_megatrons_in_bf16():
+    """The compiled shared-expert gate and Megatron's GEMM + sigmoid + multiply, both in bf16,
+    against the float64 result: output and gradients are each within twice Megatron's own error
+    (they round at the same points; the sums run in another order)."""
+    from lightning_megatron.models.layers import _SharedExpertGate
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4096, 1536, device="cuda").bfloat16()
+    out = torch.randn(2, 4096, 1536, device="cuda").bfloat16()
+    w = (torch.randn(1, 1536, device="cuda") * 0.02).bfloat16()
+    grad = torch.randn(2, 4096, 1536, device="cuda").bfloat16()
+
+    def megatron(x, o, w):
+        return o * torch.sigmoid(torch.nn.functional.linear(x, w))
+
+    results = []
+    cases = ((megatron, torch.float64), (megatron, torch.bfloat16), (_SharedExpertGate.apply, torch.bfloat16))
+    for gate, dtype in cases:
+        xi, oi, wi = (t.to(dtype).requires_grad_() for t in (x, out, w))
+        y = gate(xi, oi, wi)
+        y.backward(grad.to(dtype))
+        results.append((y, xi.grad, oi.grad, wi.grad))
+    for name, exact, theirs, ours in zip(("output", "x grad", "out grad", "w grad"), *results, strict=True):
+        assert ours.dtype == torch.bfloat16
+        error, reference = ((t.double() - exact).abs().max().item() for t in (ours, theirs))
+        assert error <= 2 * reference + 1e-6, (name, error, reference)
+
+
+def test_compiled_qkv_split_and_rope_match_megatrons_steps():
+    """The compiled bias + head split + RoPE of FusedQKVSelfAttention against Megatron's eager
+    steps on the GPU, in fp32 (the same arithmetic, fused) and in value and gradient."""
+    from lightning_megatron.models.layers import _qkv_rope
+    from tests.test_kernels import qkv_rope_reference
+
+    torch.manual_seed(0)
+    groups, q_per_group, head_dim = 2, 6, 128
+    mixed = torch.randn(512, 2, groups * (q_per_group + 2) * head_dim, device="cuda")
+    bias = torch.randn(mixed.shape[-1], device="cuda")
+    freqs = torch.randn(512, 1, 1, head_dim, device="cuda")
+    results = []
+    for fn in (qkv_rope_reference, _qkv_rope):
+        m, b = mixed.clone().requires_grad_(), bias.clone().requires_grad_()
+        outs = fn(m, b, freqs, groups, q_per_group, head_dim)
+        torch.autograd.backward(outs, [torch.ones_like(o) * (i + 1) for i, o in enumerate(outs)])
+        results.append((*outs, m.grad, b.grad))
+    for ours, megatron in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, megatron, rtol=1e-4, atol=1e-3)
+
+
 def test_tensor_core_router_matches_megatrons_fp32_gemm():
     """The fp32 router logits from bf16 tensor-core GEMMs (the fast path) against Megatron's fp32
     GEMM on fp32 copies: the same products, summed in another order; the gradients, rounded

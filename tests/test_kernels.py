@@ -130,3 +130,70 @@ def test_embedding_gradient_rows_go_into_main_grad():
     _EmbeddingIntoMainGrad.apply(ids, wrapped).backward(grad.bfloat16())
     assert torch.allclose(wrapped.main_grad, 1 + reference, atol=1e-2) and wrapped.grad_added_to_main_grad
     assert wrapped.grad.shape == wrapped.shape  # the placeholder DDP's hook discards
+
+
+def test_shared_expert_gate_matches_megatrons_formula():
+    """The shared experts' gate as one function (compiled on CUDA, this eager form elsewhere)
+    against Megatron's ``out * sigmoid(linear(x, w))``, in value and all three gradients."""
+    from lightning_megatron.models.layers import _SharedExpertGate
+
+    torch.manual_seed(4)
+    x, out, w = torch.randn(5, 3, 16), torch.randn(5, 3, 16), torch.randn(1, 16)
+    grad = torch.randn(5, 3, 16)
+    results = []
+    for gate in (lambda x, o, w: o * torch.sigmoid(F.linear(x, w)), _SharedExpertGate.apply):
+        xi, oi, wi = (t.clone().requires_grad_() for t in (x, out, w))
+        y = gate(xi, oi, wi)
+        y.backward(grad)
+        results.append((y, xi.grad, oi.grad, wi.grad))
+    for ours, megatron in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-6)
+
+
+def test_local_spec_norm_is_torch_rms_norm():
+    """The compiled RMSNorm of the fast path is torch's RMSNorm (its compiled form runs on CUDA)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from lightning_megatron.models.layers import CompiledRMSNorm, Norm
+
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, normalization="RMSNorm")
+    norm, reference = Norm(config, 16, eps=1e-6, compiled=True), Norm(config, 16, eps=1e-6)
+    assert isinstance(norm, CompiledRMSNorm) and type(reference) is torch.nn.RMSNorm
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16))
+        reference.weight.copy_(norm.weight)
+    x = torch.randn(4, 16)
+    assert torch.equal(norm(x), reference(x))
+
+
+def qkv_rope_reference(mixed, bias, freqs, groups, q_per_group, head_dim):
+    """Megatron's path: the linear's bias add, its split of each KV group's heads, then RoPE."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    seq, batch = mixed.shape[:2]
+    heads = (mixed + bias).view(seq, batch, groups, (q_per_group + 2) * head_dim)
+    query, key, value = torch.split(heads, [q_per_group * head_dim, head_dim, head_dim], dim=3)
+    query = query.reshape(seq, batch, -1, head_dim)
+    return _apply_rotary_pos_emb_bshd(query, freqs), _apply_rotary_pos_emb_bshd(key, freqs), value
+
+
+def test_fused_qkv_split_and_rope_match_megatron():
+    """FusedQKVSelfAttention's one function (bias, head split, RoPE; compiled on CUDA) against
+    Megatron's separate steps, in value and gradient (fp32: equal up to rounding)."""
+    from lightning_megatron.models.layers import _qkv_rope
+
+    torch.manual_seed(5)
+    groups, q_per_group, head_dim = 2, 3, 8
+    mixed = torch.randn(6, 2, groups * (q_per_group + 2) * head_dim)
+    bias = torch.randn(mixed.shape[-1])
+    freqs = torch.randn(6, 1, 1, head_dim)
+    grads = [torch.randn(6, 2, groups * q_per_group, head_dim), torch.randn(6, 2, groups, head_dim)]
+    grads.append(torch.randn(6, 2, groups, head_dim))
+    results = []
+    for fn in (qkv_rope_reference, _qkv_rope):
+        m, b = mixed.clone().requires_grad_(), bias.clone().requires_grad_()
+        outs = fn(m, b, freqs, groups, q_per_group, head_dim)
+        torch.autograd.backward(outs, grads)
+        results.append((*outs, m.grad, b.grad))
+    for ours, megatron in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-5)

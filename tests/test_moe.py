@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from lightning_megatron import CheckpointError, GPTConfig, GPTModule, MegatronStrategy
+from lightning_megatron.models.layers import GatedSharedExperts
 from lightning_megatron.models.moe import GroupedExperts, SortedTokenDispatcher, StackedExperts, _ExpandRows, _SumRows
 from tests.test_training import CONFIG, Losses, loader, trainer
 
@@ -81,6 +83,9 @@ def test_fast_path_trains_like_megatron_per_expert_path():
     # So are the embedding's gradient rows straight into main_grad (the model's embeddings are untied).
     fast_embedding, slow_embedding = (gpt_of(m).embedding.word_embeddings for m in (fast_model, slow_model))
     assert "forward" in vars(fast_embedding) and "forward" not in vars(slow_embedding)
+    # And the compiled shared-expert gate (its eager form on CPU).
+    assert type(experts_of(fast_model).shared_experts) is GatedSharedExperts
+    assert type(experts_of(slow_model).shared_experts) is SharedExpertMLP
     assert fast == pytest.approx(slow, abs=2e-5)
 
 

@@ -112,6 +112,13 @@ class GPTModule(L.LightningModule):
             # The compiled RoPE covers [s, b, h, d] tensors; packed THD rows keep Megatron's own.
             kernels.pop("apply_rope_fusion", None)
         tconfig = self.config.to_transformer_config(**kernels, **strategy.transformer_config_kwargs())
+        if tconfig.num_moe_experts:
+            # Megatron's process-wide aux-loss tracker sizes its per-layer values by the layer
+            # count of the first MoE model that logged into it; another model's layers would
+            # index past them.
+            from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+            get_moe_layer_wise_logging_tracker().clear()
         tp = ps.get_tensor_model_parallel_world_size()
         vpp = strategy.parallel.vpp or 1
         chunks = []
@@ -126,7 +133,15 @@ class GPTModule(L.LightningModule):
                     cuda_graphs=strategy.use_cuda_graphs(tconfig),
                     grads_into_main_grad=not strategy.overlap_grad_reduce,
                     config=tconfig,
-                    transformer_layer_spec=block_spec(tconfig, strategy.use_te, vp_stage, strategy.fused_kernels),
+                    transformer_layer_spec=block_spec(
+                        tconfig,
+                        strategy.use_te,
+                        vp_stage,
+                        grouped_experts=strategy.fused_kernels,
+                        compiled_norm=strategy.fused_kernels,
+                        fused_shared_gate=strategy.fused_kernels,
+                        fused_qkv=strategy.fused_kernels,
+                    ),
                     vocab_size=self.config.padded_vocab_size(tp),
                     max_sequence_length=self.config.max_position_embeddings,
                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -341,11 +341,17 @@ def _main_grad_ptr(param: torch.nn.Parameter) -> int:
 
 
 def _fused_wgrad_weights(layer: TransformerLayer) -> list[torch.nn.Parameter]:
-    """Weights whose gradient Megatron's fused linear backward adds straight into ``main_grad``."""
-    return [
-        module.weight
-        for module in layer.modules()
-        if getattr(module, "gradient_accumulation_fusion", False)
-        and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
-        and hasattr(module.weight, "main_grad")
-    ]
+    """Weights whose backward adds their gradient straight into ``main_grad``: Megatron's fused
+    linears, and modules that name theirs (``weights_into_main_grad``, e.g. stacked experts)."""
+    weights = []
+    for module in layer.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            getattr(module, "gradient_accumulation_fusion", False)
+            and isinstance(weight, torch.nn.Parameter)
+            and hasattr(weight, "main_grad")
+        ):
+            weights.append(weight)
+        if hasattr(module, "weights_into_main_grad"):
+            weights += module.weights_into_main_grad()
+    return weights

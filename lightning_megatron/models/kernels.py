@@ -128,14 +128,17 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, tp_group=None) 
 
 
 # ---------------------------------------------------------------------------------------- RoPE
-@compiled_on_cuda
-def _rotary_half(t: Tensor, freqs: Tensor) -> Tensor:
+def rope_half(t: Tensor, freqs: Tensor) -> Tensor:
+    """Megatron's non-interleaved RoPE (``_apply_rotary_pos_emb_bshd``) as plain torch ops."""
     rot_dim = freqs.shape[-1]
     x, rest = t[..., :rot_dim], t[..., rot_dim:]
     x1, x2 = torch.chunk(x, 2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     out = x * torch.cos(freqs).to(t.dtype) + rotated * torch.sin(freqs).to(t.dtype)
     return torch.cat((out, rest), dim=-1)
+
+
+_rotary_half = compiled_on_cuda(rope_half)
 
 
 def rotary(t: Tensor, freqs: Tensor, interleaved: bool = False) -> Tensor:

@@ -1,5 +1,5 @@
-"""The layers the local (Transformer-Engine-free) spec swaps in: SDPA attention and a norm
-(its experts: :mod:`lightning_megatron.models.moe`).
+"""The layers the local (Transformer-Engine-free) spec swaps in: SDPA attention, a norm and the
+shared experts' gate (its routed experts: :mod:`lightning_megatron.models.moe`).
 
 Megatron-Core's own local attention materializes the full score matrix (baddbmm + softmax) and
 its torch norm wrapper refuses sequence parallelism. These keep the local spec fast (torch picks
@@ -12,11 +12,17 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention, _yarn_get_concentration_factor_from_config
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_megatron.models.kernels import compiled_on_cuda, rope_half
 
 
 class SDPAttention(MegatronModule):
@@ -115,19 +121,177 @@ class SDPAttention(MegatronModule):
         return torch.cat(pieces).reshape(query.shape[0], heads * dim)
 
 
+# Attention inputs that take Megatron's own path: cross attention, inference, packed sequences,
+# and RoPE given as cos/sin (flash decoding).
+_UNFUSED_IF_GIVEN = (
+    "key_value_states",
+    "inference_context",
+    "inference_params",
+    "packed_seq_params",
+    "rotary_pos_cos",
+    "rotary_pos_sin",
+    "rotary_pos_cos_sin",
+)
+
+
+class FusedQKVSelfAttention(SelfAttention):
+    """Megatron's self-attention with the QKV bias, the split into heads and RoPE as one compiled
+    function on CUDA (eager elsewhere).
+
+    Megatron adds the QKV bias in its own kernel, copies the query heads out of the fused QKV
+    output (they are interleaved with the key and value heads of their group) and rotates query
+    and key in two more passes; the backward concatenates the three gradients and sums the bias
+    gradient in two more. On the Qwen2-MoE benchmark shape that is about 230 us per layer and
+    microbatch on an H100 for what is one read and one write of the QKV output each way.
+
+    Applies where RoPE is plain (non-interleaved, unscaled, on every layer), without packed
+    sequences, inference, qk-norm, output gate or more TP ranks than KV groups; everything else
+    is Megatron's own path. Same parameters and checkpoints.
+    """
+
+    _freqs: Tensor | None = None  # the RoPE frequencies of the call in flight (see forward)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
+        rope = kwargs.get("rotary_pos_emb")
+        if isinstance(rope, tuple) and len(rope) == 2 and rope[0] is rope[1]:
+            rope = rope[0]
+        if not (isinstance(rope, Tensor) and not args and self._fusable(kwargs)):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        # RoPE is applied with the split (get_query_key_value_tensors below), so Megatron's
+        # forward is called without it.
+        self._freqs = rope
+        try:
+            return super().forward(hidden_states, attention_mask, **(kwargs | {"rotary_pos_emb": None}))
+        finally:
+            self._freqs = None
+
+    def _fusable(self, kwargs: dict) -> bool:
+        config = self.config
+        return (
+            all(kwargs.get(k) is None for k in _UNFUSED_IF_GIVEN)
+            and not config.rotary_interleaved
+            and not config.multi_latent_attention
+            and config.mrope_section is None
+            and not config.no_rope_freq
+            and not config.attention_output_gate
+            and _yarn_get_concentration_factor_from_config(config) == 1.0
+            and all(n is None or isinstance(n, IdentityOp) for n in (self.q_layernorm, self.k_layernorm))
+            and config.num_query_groups >= self.world_size
+        )
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        if self._freqs is None or output_gate or not split_qkv:
+            return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, split_qkv)
+        linear = self.linear_qkv
+        linear.skip_bias_add = True  # the bias is added in the fused function
+        try:
+            mixed, bias = linear(hidden_states)
+        finally:
+            linear.skip_bias_add = False
+        groups = self.num_query_groups_per_partition
+        return _qkv_rope(
+            mixed, bias, self._freqs, groups, self.num_attention_heads_per_partition // groups,
+            self.hidden_size_per_attention_head,
+        )  # fmt: skip
+
+
+@compiled_on_cuda
+def _qkv_rope(mixed: Tensor, bias: Tensor | None, freqs: Tensor, groups: int, q_per_group: int, head_dim: int):
+    # Megatron's QKV layout: per KV group, its query heads, then its key head, then its value head.
+    if bias is not None:
+        mixed = mixed + bias
+    seq, batch = mixed.shape[:2]
+    heads = mixed.view(seq, batch, groups, q_per_group + 2, head_dim)
+    query = heads[:, :, :, :q_per_group].reshape(seq, batch, groups * q_per_group, head_dim)
+    key, value = heads[:, :, :, q_per_group], heads[:, :, :, q_per_group + 1]
+    return rope_half(query, freqs), rope_half(key, freqs), value.contiguous()
+
+
 class Norm:
     """RMSNorm/LayerNorm from torch that also works with sequence parallelism.
 
     With ``sp=True`` each tensor-parallel rank normalizes its own slice of the sequence, so the
     norm's weight gradient is partial; the ``sequence_parallel`` attribute tells Megatron's
-    ``finalize_model_grads`` to all-reduce it over the TP group.
+    ``finalize_model_grads`` to all-reduce it over the TP group. ``compiled`` RMSNorm runs
+    through ``torch.compile`` on CUDA (see :class:`CompiledRMSNorm`).
     """
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object):
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, compiled: bool = False, **_):
         if config.normalization == "RMSNorm":
-            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            rms = CompiledRMSNorm if compiled else torch.nn.RMSNorm
+            norm: torch.nn.Module = rms(hidden_size, eps=eps, dtype=config.params_dtype)
         else:
             norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
+
+
+@compiled_on_cuda
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class CompiledRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` through ``torch.compile`` on CUDA (eager elsewhere): the same function,
+    but its backward is one fused kernel for the input gradient plus a split reduction for the
+    weight's, where ATen's runs a slow two-pass weight-gradient kernel (38 us of 67 per norm on
+    the Qwen2-MoE benchmark shape, docs/benchmarks.md)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+
+
+class GatedSharedExperts(SharedExpertMLP):
+    """Megatron's shared experts with the sigmoid gate (Qwen2-MoE's ``shared_expert_gate``) as one
+    compiled function on CUDA: ``output * sigmoid(hidden @ gate_weight.T)``.
+
+    Megatron computes the gate as a GEMM with one output column, a sigmoid and a broadcast
+    multiply, and its backward as five more kernels (two of them GEMMs with a single column) plus
+    their gradient adds: about 240 us per layer and microbatch on the benchmark's shape, for a
+    1 x hidden weight. Compiled, each direction is a row-wise kernel (and a column sum for the
+    weight's gradient). Same parameters, checkpoints and rounding points (the logits, the gate
+    and the product are rounded to the input dtype, as in Megatron's bf16 ops).
+    """
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if not self.use_shared_expert_gate or self.config.moe_shared_expert_overlap:
+            return super().forward(hidden_states)
+        output, _ = MLP.forward(self, hidden_states)
+        return _SharedExpertGate.apply(hidden_states, output, self.gate_weight)
+
+
+@compiled_on_cuda
+def _gate_forward(x: Tensor, out: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    logits = (x.float() * weight.float()).sum(-1, keepdim=True).to(x.dtype)
+    gate = torch.sigmoid(logits.float()).to(x.dtype)
+    return (out.float() * gate.float()).to(out.dtype), gate
+
+
+@compiled_on_cuda
+def _gate_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor, gate: Tensor):
+    g = gate.float()
+    grad_out = (grad.float() * g).to(out.dtype)
+    grad_gate = (grad.float() * out.float()).sum(-1, keepdim=True).to(gate.dtype)
+    grad_logits = (grad_gate.float() * g * (1.0 - g)).to(x.dtype)
+    grad_x = (grad_logits.float() * weight.float()).to(x.dtype)
+    grad_weight = (grad_logits.float() * x.float()).sum(0, keepdim=True).to(weight.dtype)
+    return grad_x, grad_out, grad_weight
+
+
+class _SharedExpertGate(torch.autograd.Function):
+    """``out * sigmoid(x @ weight.T)`` for ``x``, ``out`` of ``[..., hidden]`` and ``weight`` of
+    ``[1, hidden]``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out: Tensor, weight: Tensor) -> Tensor:
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        result, gate = _gate_forward(flat_x, flat_out, weight)
+        ctx.save_for_backward(flat_x, flat_out, weight, gate)
+        return result.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        flat_x, flat_out, weight, gate = ctx.saved_tensors
+        grad_x, grad_out, grad_weight = _gate_backward(grad.reshape(flat_out.shape), flat_x, flat_out, weight, gate)
+        return grad_x.view(grad.shape[:-1] + flat_x.shape[-1:]), grad_out.view_as(grad), grad_weight

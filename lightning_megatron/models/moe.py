@@ -43,6 +43,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 from torch import Tensor
 
+from lightning_megatron.models.expert_gemm import expert_gemm, fused_wgrad_supported
 from lightning_megatron.models.kernels import HAS_FP32_OUT_GEMM, compiled_on_cuda
 
 _EXTRA_STATE = "sequential_mlp_extra_state."
@@ -93,14 +94,14 @@ def _weighted_swiglu(intermediate: Tensor, probs: Tensor, config: TransformerCon
 
 
 def _grouped_experts_forward(
-    hidden: Tensor, fc1: Tensor, fc2: Tensor, tokens_per_expert: Tensor, probs: Tensor, config
+    hidden: Tensor, fc1: Tensor, fc2: Tensor, tokens_per_expert: Tensor, probs: Tensor, config, fuse_wgrad=False
 ):
     """Both expert GEMMs over all experts at once: ``fc1 [E, 2f, h]``, ``fc2 [E, h, f]``."""
     # Exclusive ends of each expert's rows; they stay on the device (no host sync).
     offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
-    intermediate = torch._grouped_mm(hidden, fc1.transpose(1, 2), offs=offsets)
+    intermediate = expert_gemm(hidden, fc1, offsets, fuse_wgrad)
     intermediate = _weighted_swiglu(intermediate, probs.unsqueeze(-1), config, hidden.dtype)
-    return torch._grouped_mm(intermediate, fc2.transpose(1, 2), offs=offsets)
+    return expert_gemm(intermediate, fc2, offsets, fuse_wgrad)
 
 
 class GroupedExperts(SequentialMLP):
@@ -174,12 +175,20 @@ class StackedExperts(MegatronModule):
             # output dimension, and reduced over the expert-data-parallel group under EP.
             set_tensor_model_parallel_attributes(weight, True, 1, 1)
             weight.allreduce = config.expert_model_parallel_size == 1
+        # Megatron's flag for weight gradients accumulated into main_grad by the GEMM (see
+        # expert_gemm.py); an attribute, so that it can be turned off per layer.
+        self.fuse_wgrad = config.gradient_accumulation_fusion
         self.register_load_state_dict_post_hook(self._drop_extra_states)
+
+    def weights_into_main_grad(self) -> list[torch.nn.Parameter]:
+        """The weights whose backward adds their gradient into ``main_grad`` itself."""
+        weights = (self.fc1_weight, self.fc2_weight)
+        return [w for w in weights if self.fuse_wgrad and fused_wgrad_supported(w)]
 
     def forward(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor) -> tuple[Tensor, None]:
         if grouped_mm_supported(hidden):
             return _grouped_experts_forward(
-                hidden, self.fc1_weight, self.fc2_weight, tokens_per_expert, probs, self.config
+                hidden, self.fc1_weight, self.fc2_weight, tokens_per_expert, probs, self.config, self.fuse_wgrad
             ), None
         # Devices without grouped GEMMs (CUDA before Hopper, fp16/fp32 on CUDA): one GEMM pair per expert.
         outputs = []

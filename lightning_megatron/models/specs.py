@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from lightning_megatron.models.layers import Norm, SDPAttention
+from lightning_megatron.models.layers import FusedQKVSelfAttention, GatedSharedExperts, Norm, SDPAttention
 from lightning_megatron.models.moe import GroupedExperts, StackedExperts, stacked_experts_supported
 
 
@@ -29,12 +29,18 @@ def block_spec(
     vp_stage: int | None = None,
     grouped_experts: bool = True,
     stacked_experts: bool = True,
+    compiled_norm: bool = True,
+    fused_shared_gate: bool = True,
+    fused_qkv: bool = True,
 ) -> ModuleSpec:
     """The decoder block for this pipeline stage.
 
-    The local spec uses :class:`SDPAttention`, :class:`Norm` and (``grouped_experts``) grouped-GEMM
-    experts instead of mcore's baddbmm attention, its torch-norm wrapper and its loop over experts:
-    :class:`StackedExperts` where it applies (and ``stacked_experts``), else :class:`GroupedExperts`.
+    The local spec uses :class:`SDPAttention`, :class:`Norm` (``compiled_norm``: compiled RMSNorm
+    on CUDA) and (``grouped_experts``) grouped-GEMM experts instead of mcore's baddbmm attention,
+    its torch-norm wrapper and its loop over experts: :class:`StackedExperts` where it applies
+    (and ``stacked_experts``), else :class:`GroupedExperts`; with ``fused_shared_gate`` the
+    shared experts' gate is :class:`GatedSharedExperts`' compiled one, and with ``fused_qkv`` the
+    attention's QKV bias, head split and RoPE are :class:`FusedQKVSelfAttention`'s one function.
     With ``use_te`` it is Megatron's TE spec unchanged.
     """
     if use_te:
@@ -49,14 +55,19 @@ def block_spec(
         qk_layernorm=config.qk_layernorm,
         normalization=config.normalization,
     )
-    layer.submodules.input_layernorm = Norm
-    layer.submodules.pre_mlp_layernorm = Norm
+    norm = ModuleSpec(module=Norm, params={"compiled": compiled_norm})
+    layer.submodules.input_layernorm = norm
+    layer.submodules.pre_mlp_layernorm = norm
+    if fused_qkv:
+        layer.submodules.self_attention.module = FusedQKVSelfAttention
     attention = layer.submodules.self_attention.submodules
     attention.core_attention = SDPAttention
     if config.qk_layernorm:
-        attention.q_layernorm = Norm
-        attention.k_layernorm = Norm
+        attention.q_layernorm = norm
+        attention.k_layernorm = norm
     if config.num_moe_experts:
+        if fused_shared_gate and layer.submodules.mlp.submodules.shared_experts is not None:
+            layer.submodules.mlp.submodules.shared_experts.module = GatedSharedExperts
         experts = layer.submodules.mlp.submodules.experts
         if grouped_experts and stacked_experts and stacked_experts_supported(config):
             experts.module = StackedExperts
@@ -65,5 +76,5 @@ def block_spec(
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm),
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm),
     )
