@@ -300,6 +300,31 @@ def _sum_rows(rows: Tensor, token_rows: Tensor, k: int) -> Tensor:
     return rows.index_select(0, token_rows).view(-1, k, rows.shape[-1]).sum(1)
 
 
+def _expert_order(routing_map: Tensor, probs: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Where each of the ``tokens * k`` expert rows comes from, for a routing map with exactly
+    ``k`` True per row: ``(rows_token, token_rows, permuted_probs, tokens_per_expert)``.
+
+    Rows are in Megatron's order (by expert, then by token); ``token_rows`` lists each token's
+    rows in token order (its experts ascending). Cumsums and scatters only: no sort, no host sync.
+    """
+    tokens, experts = routing_map.shape
+    rows = tokens * k
+    # A True entry's row is its rank in the expert-major map; False entries are scattered to a
+    # dump slot (rows) that is cut off. Every other slot is written, so nothing is initialized.
+    expert_major = routing_map.t().reshape(-1)
+    dest = torch.where(expert_major, expert_major.cumsum(0) - 1, rows)
+    position = torch.arange(tokens * experts, device=dest.device)
+    slots = torch.empty(rows + 1, dtype=torch.long, device=dest.device)
+    rows_token = slots.scatter_(0, dest, position % tokens)[:rows]
+    rows_expert = torch.empty_like(slots).scatter_(0, dest, position // tokens)[:rows]
+    permuted_probs = probs.new_empty(rows + 1).scatter_(0, dest, probs.t().reshape(-1))[:rows]
+    # Each token's rows in token order: slot token * k + j for its j-th expert.
+    nth_expert_of_token = (routing_map.cumsum(1) - 1).reshape(-1)
+    slot = rows_token * k + nth_expert_of_token[rows_token * experts + rows_expert]
+    token_rows = torch.empty_like(slot).scatter_(0, slot, torch.arange(rows, device=slot.device))
+    return rows_token, token_rows, permuted_probs, routing_map.sum(dim=0)
+
+
 class SortedTokenDispatcher(MoEAllGatherTokenDispatcher):
     """Megatron's all-gather dispatcher for the case where it gathers nothing (TP x EP size 1),
     without its host syncs: every token has exactly ``topk`` experts, so the number of expert
@@ -316,26 +341,11 @@ class SortedTokenDispatcher(MoEAllGatherTokenDispatcher):
     def dispatch_postprocess(self, hidden_states: Tensor, probs: Tensor):
         if not self.topk_per_token:
             return super().dispatch_postprocess(hidden_states, probs)
-        routing_map = self.routing_map  # [tokens, experts], exactly topk True per row
-        tokens, experts = routing_map.shape
         k = self.router_topk
-        rows = tokens * k
         self.hidden_shape_before_permute = hidden_states.shape
-        # Megatron's row order: by expert, then by token. A True entry's row is its rank in the
-        # expert-major map; False entries are scattered to a dump slot (rows) that is cut off.
-        # Scatters and cumsums only: no sort, no host sync.
-        expert_major = routing_map.t().reshape(-1)
-        dest = torch.where(expert_major, expert_major.cumsum(0) - 1, rows)
-        position = torch.arange(tokens * experts, device=dest.device)
-        dump = torch.empty(rows + 1, dtype=torch.long, device=dest.device)
-        self.rows_token = dump.scatter(0, dest, position % tokens)[:rows]
-        rows_expert = dump.scatter(0, dest, position // tokens)[:rows]
-        permuted_probs = probs.new_zeros(rows + 1).scatter(0, dest, probs.t().reshape(-1))[:rows]
-        # Each token's rows in token order (its experts ascending): slot token * k + j.
-        nth_expert_of_token = (routing_map.cumsum(1) - 1).reshape(-1)
-        slot = self.rows_token * k + nth_expert_of_token[self.rows_token * experts + rows_expert]
-        self.token_rows = torch.empty_like(slot).scatter_(0, slot, torch.arange(rows, device=slot.device))
-        tokens_per_expert = routing_map.sum(dim=0)
+        # Not compiled: measured neutral on the benchmark step (twice), and compiling for a new
+        # token count would sync the host.
+        self.rows_token, self.token_rows, permuted_probs, tokens_per_expert = _expert_order(self.routing_map, probs, k)
         permuted = _ExpandRows.apply(hidden_states, self.rows_token, self.token_rows, k)
         self.routing_map = None
         return permuted, tokens_per_expert, permuted_probs
