@@ -15,8 +15,10 @@ Cases, each on the same model shape, sequence length, global batch, random token
 Prints per case tokens/s, model TFLOP/s (``model_flops_per_token``: 6 x matmul parameters + the
 attention term), MFU against a bf16 matmul peak measured in the same run, and peak memory; then
 the ratios. ``--variant name='{"fused_kernels": false}'`` adds bare-loop runs with other kernel
-settings (the levers); ``--profile`` writes a torch-profiler breakdown of one step per case, a cProfile of another and
-the host's waits for the GPU in a third.
+settings (the levers: the keys of ``run_bare``'s keyword arguments, e.g. ``expert_wgrad_fusion``,
+``compiled_norm``, ``shared_gate``, ``fused_qkv``, ``cuda_graphs``, plus ``extra`` and ``sdpa``);
+``--profile`` writes a torch-profiler breakdown of one step per case (and every kernel of it in order,
+``profile_<shape>_<case>.tsv``), a cProfile of another and the host's waits for the GPU in a third.
 Results go to ``--out`` as JSON lines (``results.jsonl``), profiles as text.
 """
 
