@@ -1,5 +1,5 @@
 """The expert weight gradient of one MoE layer call: Triton's grouped GEMM accumulating into the fp32
-``main_grad`` (``lightning_megatron.models.expert_gemm``) against ``torch._grouped_mm`` plus the
+``main_grad`` (``lightning_megatron.models.expert_kernels``) against ``torch._grouped_mm`` plus the
 separate fp32 add it needs (what autograd and the graphs did before), on one CUDA GPU.
 
     python benchmarks/expert_wgrad.py                # the Qwen2-MoE benchmark shape, 2 x 4096 tokens, top-4
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from lightning_megatron.models.expert_gemm import grouped_wgrad_accumulate
+from lightning_megatron.models.expert_kernels import grouped_wgrad_accumulate
 
 
 def time_us(fn, repeats: int = 20) -> float:

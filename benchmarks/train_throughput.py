@@ -16,7 +16,7 @@ Prints per case tokens/s, model TFLOP/s (``model_flops_per_token``: 6 x matmul p
 attention term), MFU against a bf16 matmul peak measured in the same run, and peak memory; then
 the ratios. ``--variant name='{"fused_kernels": false}'`` adds bare-loop runs with other kernel
 settings (the levers: the keys of ``run_bare``'s keyword arguments, e.g. ``expert_wgrad_fusion``,
-``compiled_norm``, ``shared_gate``, ``fused_qkv``, ``cuda_graphs``, plus ``extra`` and ``sdpa``);
+``compiled_norm``, ``expert_swiglu``, ``shared_gate``, ``fused_qkv``, ``cuda_graphs``, plus ``extra`` and ``sdpa``);
 ``--profile`` writes a torch-profiler breakdown of one step per case (and every kernel of it in order,
 ``profile_<shape>_<case>.tsv``), a cProfile of another and the host's waits for the GPU in a third.
 Results go to ``--out`` as JSON lines (``results.jsonl``), profiles as text.
@@ -444,6 +444,7 @@ def run_bare(
     embedding_grads: bool | None = None,
     expert_wgrad_fusion: bool | None = None,
     compiled_norm: bool | None = None,
+    expert_swiglu: bool | None = None,
     shared_gate: bool | None = None,
     fused_qkv: bool | None = None,
     fused_adam: bool | None = None,
@@ -510,6 +511,7 @@ def run_bare(
     for module in model.modules():
         if hasattr(module, "fuse_wgrad"):  # StackedExperts (on with gradient_accumulation_fusion)
             module.fuse_wgrad = module.fuse_wgrad and lever(expert_wgrad_fusion)
+            module.one_pass_swiglu = lever(expert_swiglu)
     chunk: torch.nn.Module = Float16Module(tconfig, model) if plugin.params_dtype != torch.float32 else model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=plugin.grad_reduce_in_fp32, use_distributed_optimizer=True, check_for_nan_in_grad=False
@@ -714,6 +716,7 @@ def run_job(args: argparse.Namespace) -> None:
                 embedding_grads=variant.get("embedding_grads"),
                 expert_wgrad_fusion=variant.get("expert_wgrad_fusion"),
                 compiled_norm=variant.get("compiled_norm"),
+                expert_swiglu=variant.get("expert_swiglu"),
                 shared_gate=variant.get("shared_gate"),
                 fused_qkv=variant.get("fused_qkv"),
                 fused_adam=variant.get("fused_adam"),

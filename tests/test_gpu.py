@@ -206,7 +206,7 @@ def test_expert_weight_gradients_accumulate_into_fp32_main_grad_in_the_gemm():
     """The Triton grouped GEMM adds each expert's ``grad^T @ x`` into its fp32 main_grad tile by
     tile, to fp32 accuracy: uneven experts, an empty one, shapes that are no multiple of the tiles,
     and what was in main_grad before is kept."""
-    from lightning_megatron.models.expert_gemm import grouped_wgrad_accumulate
+    from lightning_megatron.models.expert_kernels import grouped_wgrad_accumulate
 
     torch.manual_seed(0)
     counts = torch.tensor([300, 0, 1, 517, 64, 90], device="cuda")
@@ -293,6 +293,23 @@ def test_compiled_qkv_split_and_rope_match_megatrons_steps():
         results.append((*outs, m.grad, b.grad))
     for ours, megatron in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(ours, megatron, rtol=1e-4, atol=1e-3)
+
+
+def test_weighted_swiglu_backward_kernel_matches_torch():
+    """The one-pass Triton backward of the experts' weighted SwiGLU against its torch form (the
+    CPU path, checked against Megatron's in test_kernels), in bf16 on the benchmark's shapes."""
+    from lightning_megatron.models.expert_kernels import _WeightedSwiGLU
+
+    torch.manual_seed(0)
+    x = torch.randn(32768, 1024, device="cuda").bfloat16()
+    probs, grad = torch.rand(32768, 1, device="cuda"), torch.randn(32768, 512, device="cuda").bfloat16()
+    results = []
+    for device in ("cuda", "cpu"):
+        xi, pi = (t.detach().to(device).requires_grad_() for t in (x, probs))
+        _WeightedSwiGLU.apply(xi, pi).backward(grad.to(device))
+        results.append((xi.grad.cpu().float(), pi.grad.cpu()))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-2, atol=1e-2)
 
 
 def test_tensor_core_router_matches_megatrons_fp32_gemm():

@@ -197,3 +197,22 @@ def test_fused_qkv_split_and_rope_match_megatron():
         results.append((*outs, m.grad, b.grad))
     for ours, megatron in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_swiglu_matches_megatron():
+    """The experts' probability-weighted SwiGLU (one-pass backward: Triton on CUDA, this torch form
+    elsewhere) against Megatron's fused one, in value and in both gradients (fp32)."""
+    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+    from lightning_megatron.models.expert_kernels import weighted_swiglu
+
+    torch.manual_seed(6)
+    x, probs, grad = torch.randn(37, 2 * 24), torch.rand(37, 1), torch.randn(37, 24)
+    results = []
+    for fn in (lambda x, p: weighted_bias_swiglu_impl(x, None, p), weighted_swiglu):
+        xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
+        y = fn(xi, pi)
+        y.backward(grad)
+        results.append((y, xi.grad, pi.grad))
+    for ours, megatron in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-5)

@@ -43,7 +43,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 from torch import Tensor
 
-from lightning_megatron.models.expert_gemm import expert_gemm, fused_wgrad_supported
+from lightning_megatron.models.expert_kernels import expert_gemm, fused_wgrad_supported, weighted_swiglu
 from lightning_megatron.models.kernels import HAS_FP32_OUT_GEMM, compiled_on_cuda
 
 _EXTRA_STATE = "sequential_mlp_extra_state."
@@ -85,8 +85,12 @@ def _cuda_major(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _weighted_swiglu(intermediate: Tensor, probs: Tensor, config: TransformerConfig, dtype: torch.dtype) -> Tensor:
+def _weighted_swiglu(
+    intermediate: Tensor, probs: Tensor, config: TransformerConfig, dtype: torch.dtype, one_pass: bool = False
+) -> Tensor:
     # fc1's output is [gate | up]; each row is weighted by its routing probability.
+    if one_pass and config.bias_activation_fusion and intermediate.dim() == 2:
+        return weighted_swiglu(intermediate, probs)  # one-pass backward (expert_kernels.py)
     if config.bias_activation_fusion:
         return weighted_bias_swiglu_impl(intermediate, None, probs)
     gate, up = torch.chunk(intermediate, 2, dim=-1)
@@ -94,13 +98,20 @@ def _weighted_swiglu(intermediate: Tensor, probs: Tensor, config: TransformerCon
 
 
 def _grouped_experts_forward(
-    hidden: Tensor, fc1: Tensor, fc2: Tensor, tokens_per_expert: Tensor, probs: Tensor, config, fuse_wgrad=False
+    hidden: Tensor,
+    fc1: Tensor,
+    fc2: Tensor,
+    tokens_per_expert: Tensor,
+    probs: Tensor,
+    config,
+    fuse_wgrad: bool = False,
+    one_pass_swiglu: bool = False,
 ):
     """Both expert GEMMs over all experts at once: ``fc1 [E, 2f, h]``, ``fc2 [E, h, f]``."""
     # Exclusive ends of each expert's rows; they stay on the device (no host sync).
     offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
     intermediate = expert_gemm(hidden, fc1, offsets, fuse_wgrad)
-    intermediate = _weighted_swiglu(intermediate, probs.unsqueeze(-1), config, hidden.dtype)
+    intermediate = _weighted_swiglu(intermediate, probs.unsqueeze(-1), config, hidden.dtype, one_pass_swiglu)
     return expert_gemm(intermediate, fc2, offsets, fuse_wgrad)
 
 
@@ -176,8 +187,9 @@ class StackedExperts(MegatronModule):
             set_tensor_model_parallel_attributes(weight, True, 1, 1)
             weight.allreduce = config.expert_model_parallel_size == 1
         # Megatron's flag for weight gradients accumulated into main_grad by the GEMM (see
-        # expert_gemm.py); an attribute, so that it can be turned off per layer.
+        # expert_kernels.py); an attribute, so that it can be turned off per layer.
         self.fuse_wgrad = config.gradient_accumulation_fusion
+        self.one_pass_swiglu = True  # expert_kernels.weighted_swiglu where Megatron's fused one would run
         self.register_load_state_dict_post_hook(self._drop_extra_states)
 
     def weights_into_main_grad(self) -> list[torch.nn.Parameter]:
@@ -188,7 +200,14 @@ class StackedExperts(MegatronModule):
     def forward(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor) -> tuple[Tensor, None]:
         if grouped_mm_supported(hidden):
             return _grouped_experts_forward(
-                hidden, self.fc1_weight, self.fc2_weight, tokens_per_expert, probs, self.config, self.fuse_wgrad
+                hidden,
+                self.fc1_weight,
+                self.fc2_weight,
+                tokens_per_expert,
+                probs,
+                self.config,
+                self.fuse_wgrad,
+                self.one_pass_swiglu,
             ), None
         # Devices without grouped GEMMs (CUDA before Hopper, fp16/fp32 on CUDA): one GEMM pair per expert.
         outputs = []

@@ -1,13 +1,16 @@
-"""Expert GEMMs whose weight gradient is accumulated into the fp32 ``main_grad`` by the GEMM itself.
+"""Triton kernels for the routed experts: what torch has no kernel for.
 
-``torch._grouped_mm`` writes its result in bf16 only. Its autograd therefore hands back a bf16
-weight gradient per microbatch, which is then added into Megatron's fp32 ``main_grad`` by a
-separate kernel: on the Qwen2-MoE benchmark shape that add reads and writes 12 bytes per expert
-weight per microbatch, 40 ms of an 800 ms H100 step (docs/benchmarks.md). A grouped GEMM that
-loads each output tile of ``main_grad``, adds its fp32 accumulator and stores it back does the
-same work in the GEMM's epilogue: no bf16 gradient, no second pass. torch has no such kernel, so
-this module has one, in Triton (it ships with torch on CUDA); everywhere else the weight gradient
-comes from ``torch._grouped_mm`` as before.
+- :class:`ExpertGemm`: the expert GEMMs with their weight gradient accumulated into the fp32
+  ``main_grad`` by the GEMM itself. ``torch._grouped_mm`` writes its result in bf16 only, so its
+  autograd hands back a bf16 weight gradient per microbatch, which a separate kernel then adds
+  into Megatron's fp32 ``main_grad``: on the Qwen2-MoE benchmark shape that add reads and writes
+  12 bytes per expert weight per microbatch, 40 ms of an 800 ms H100 step (docs/benchmarks.md).
+  Here each output tile of ``main_grad`` is loaded, its fp32 accumulator added and stored back.
+- :func:`weighted_swiglu`: the experts' SwiGLU weighted by the routing probabilities, whose
+  backward computes the input's and the probabilities' gradients in one pass over the rows
+  (Megatron's compiled version reads them twice: a pointwise kernel, then a reduction).
+
+Triton ships with CUDA builds of torch; everywhere else the torch formulation runs.
 """
 
 from __future__ import annotations
@@ -123,3 +126,89 @@ class ExpertGemm(torch.autograd.Function):
         # DDP's hook still runs (it marks the bucket ready under overlap_grad_reduce): hand
         # autograd a gradient it never reads, as Megatron's fused linears do.
         return grad_x, torch.empty_like(weight), None
+
+
+# ----------------------------------------------------------------------------- weighted SwiGLU
+def weighted_swiglu(x: Tensor, probs: Tensor) -> Tensor:
+    """``silu(gate) * up * probs`` for ``x = [gate | up]`` of ``[rows, 2f]`` and ``probs`` of
+    ``[rows, 1]``, in the dtype of ``x`` (Megatron's ``weighted_bias_swiglu_impl`` without bias)."""
+    return _WeightedSwiGLU.apply(x, probs)
+
+
+def _swiglu_parts(x: Tensor) -> tuple[Tensor, Tensor]:
+    gate, up = torch.chunk(x.float(), 2, dim=-1)
+    return gate, up
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, probs: Tensor) -> Tensor:
+        ctx.save_for_backward(x, probs)
+        return _weighted_swiglu_forward(x, probs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, probs = ctx.saved_tensors
+        if triton is not None and grad.is_cuda and x.is_contiguous():
+            return _weighted_swiglu_backward_triton(grad, x, probs)
+        gate, up = _swiglu_parts(x)
+        g, p = grad.float(), probs.float()
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_gate = g * p * sig * (1 + gate * (1 - sig)) * up
+        grad_up = g * p * silu
+        grad_probs = (silu * up * g).sum(-1, keepdim=True)
+        return torch.cat([grad_gate, grad_up], -1).to(x.dtype), grad_probs.to(probs.dtype)
+
+
+def _weighted_swiglu_forward_eager(x: Tensor, probs: Tensor) -> Tensor:
+    gate, up = _swiglu_parts(x)
+    return (torch.nn.functional.silu(gate) * up * probs.float()).to(x.dtype)
+
+
+def _weighted_swiglu_forward(x: Tensor, probs: Tensor) -> Tensor:
+    if x.is_cuda:
+        return _weighted_swiglu_forward_compiled(x, probs)
+    return _weighted_swiglu_forward_eager(x, probs)
+
+
+_weighted_swiglu_forward_compiled = torch.compile(_weighted_swiglu_forward_eager, dynamic=None)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _weighted_swiglu_backward_kernel(
+        grad_ptr, x_ptr, probs_ptr, grad_x_ptr, grad_probs_ptr, rows, F: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr,
+    ):  # fmt: skip
+        r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
+        c = tl.arange(0, BLOCK_F)[None, :]
+        keep = (r < rows) & (c < F)
+        gate = tl.load(x_ptr + r * (2 * F) + c, mask=keep, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + r * (2 * F) + F + c, mask=keep, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + r * F + c, mask=keep, other=0.0).to(tl.float32)
+        p = tl.load(probs_ptr + r, mask=r < rows, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        gp = g * p
+        grad_gate = gp * sig * (1 + gate * (1 - sig)) * up
+        grad_up = gp * silu
+        out = grad_x_ptr + r * (2 * F) + c
+        tl.store(out, grad_gate.to(grad_x_ptr.dtype.element_ty), mask=keep)
+        tl.store(out + F, grad_up.to(grad_x_ptr.dtype.element_ty), mask=keep)
+        grad_probs = tl.sum(silu * up * g, axis=1)[:, None]
+        tl.store(grad_probs_ptr + r, grad_probs.to(grad_probs_ptr.dtype.element_ty), mask=r < rows)
+
+
+def _weighted_swiglu_backward_triton(grad: Tensor, x: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    rows, f = grad.shape
+    grad = grad.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_probs = torch.empty(rows, 1, dtype=probs.dtype, device=probs.device)
+    block_f = triton.next_power_of_2(f)
+    block_rows = max(1, 4096 // block_f)
+    _weighted_swiglu_backward_kernel[(triton.cdiv(rows, block_rows),)](
+        grad, x, probs.contiguous(), grad_x, grad_probs, rows, f, BLOCK_ROWS=block_rows, BLOCK_F=block_f, num_warps=4
+    )
+    return grad_x, grad_probs
