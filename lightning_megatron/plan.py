@@ -192,9 +192,11 @@ def layer_activation_bytes(
 
     - two norms: ``2 * 8 * h /sp`` (fp32 input and normalized copies), and the QKV and gate/up
       linears' inputs (the norms' outputs) ``2 * e * h /sp``;
-    - attention ``e * (q + 2kv + q + kv + q) / tp``: the fused QKV output (V is a view of it),
-      the rotated Q and K, SDPA's output (the projection's input is a view of it); SDPA's fp32
-      log-sum-exp ``4 * heads / tp``; with qk_layernorm, ``8 * (q + kv) / tp`` for those norms;
+    - attention ``e * (q + 2kv + q) / tp`` on the fast path (``FusedQKVSelfAttention``, whose
+      bias, head split and RoPE keep nothing for backward): the rotated Q and K, V, SDPA's output
+      (the projection's input is a view of it); SDPA's fp32 log-sum-exp ``4 * heads / tp``; with
+      qk_layernorm (Megatron's own attention path, which also keeps the fused QKV output, V a view
+      of it) ``e * (q + kv) / tp`` more and ``8 * (q + kv) / tp`` for those norms;
     - MLP ``e * 5f / tp``: the gate/up output (2f), SiLU's output, the ``up + offset`` term
       Megatron's GLU multiplies by, and the down projection's input (f each).
 
@@ -209,9 +211,9 @@ def layer_activation_bytes(
     if recompute == "full":
         return e * tokens * h_sp
     per_token = 2 * NORM_SAVED_BYTES * h_sp + 2 * e * h_sp
-    per_token += e * (3 * q + 3 * kv) // tp + 4 * config.num_attention_heads // tp
+    per_token += e * (2 * q + 2 * kv) // tp + 4 * config.num_attention_heads // tp
     if config.qk_layernorm:
-        per_token += NORM_SAVED_BYTES * (q + kv) // tp
+        per_token += (e + NORM_SAVED_BYTES) * (q + kv) // tp
     if recompute != "selective":
         per_token += _moe_bytes(config, layout, e) if config.is_moe else e * 5 * config.ffn_hidden_size // tp
     return tokens * per_token
