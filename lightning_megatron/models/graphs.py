@@ -50,6 +50,11 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+# Layer i's graph reads layer i-1's output buffer in place (backward: layer i-1 reads layer i's
+# input-gradient buffer), so a replay copies neither; False: each graph has its own buffers, and
+# every call copies into them. A switch for benchmarks/train_throughput.py.
+CHAIN_BUFFERS = True
+
 # Keyword arguments a graphed call must leave at None: they change what the layer computes.
 _UNGRAPHED_KWARGS = (
     "attention_mask",
@@ -156,8 +161,10 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, graph: _LayerGraph, hidden_states: torch.Tensor, rope: torch.Tensor, *params: torch.Tensor):
-        graph.hidden.copy_(hidden_states)
-        graph.rope.copy_(rope)
+        _into_static(graph.hidden, hidden_states)
+        if rope is not graph.rope_source[0]:  # all layers of a block share one rope buffer
+            graph.rope.copy_(rope)
+            graph.rope_source[0] = rope
         graph.forward_graph.replay()
         ctx.graph = graph
         return graph.output.detach()
@@ -165,7 +172,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         graph = ctx.graph
-        graph.grad_output.copy_(grad_output)
+        _into_static(graph.grad_output, grad_output)
         graph.backward_graph.replay()
         grad_hidden, *grad_params = graph.grads
         return (None, grad_hidden, None, *grad_params)
@@ -245,9 +252,10 @@ class _BlockGraphs:
             # (left unset, the warm-up backward would create a 0-d one the copy cannot fill).
             MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1, device=hidden_states.device)
         self.release()  # a recapture frees the previous graphs' pool first
+        shared_rope, rope_source = rope.detach().clone(), [rope]
         for graph in self.graphs:
             graph.hidden = torch.randn_like(hidden_states).requires_grad_(True)
-            graph.rope = rope.detach().clone()
+            graph.rope, graph.rope_source = shared_rope, rope_source
         try:
             self._record(warmup)
         except torch.OutOfMemoryError as error:
@@ -271,7 +279,7 @@ class _BlockGraphs:
         """Drop the graphs and their buffers (the pool goes with the last of them)."""
         for graph in self.graphs:
             graph.forward_graph = graph.backward_graph = graph.output = graph.grads = None
-            graph.hidden = graph.rope = graph.grad_output = None
+            graph.hidden = graph.rope = graph.grad_output = graph.rope_source = None
             graph.params, graph.grad_ptrs, graph.fused_weights = [], [], []
         self.key = None
 
@@ -287,13 +295,18 @@ class _BlockGraphs:
                     del output
             torch.cuda.current_stream().wait_stream(side)
             pool = torch.cuda.graph_pool_handle()
+            previous = None
             for graph in self.graphs:
+                if previous is not None and CHAIN_BUFFERS:  # see CHAIN_BUFFERS
+                    graph.hidden = previous.output.detach().requires_grad_(True)
                 graph.forward_graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph.forward_graph, pool=pool):
                     graph.output = graph.run_eager(graph.hidden, graph.rope)
+                previous = graph
+            following = None
             for graph, params in zip(reversed(self.graphs), reversed(stand_ins), strict=True):
                 graph.backward_graph = torch.cuda.CUDAGraph()
-                graph.grad_output = torch.empty_like(graph.output)
+                graph.grad_output = torch.empty_like(graph.output) if following is None else following.grads[0]
                 fused = {id(w) for w in _fused_wgrad_weights(graph.layer)}  # the stand-ins, while swapped
                 into_main_grad = self.grads_into_main_grad and all(hasattr(p, "main_grad") for p in params)
                 with torch.cuda.graph(graph.backward_graph, pool=pool):
@@ -308,6 +321,7 @@ class _BlockGraphs:
                 # A parameter the layer did not use gets no gradient (None), as in eager autograd.
                 graph.grads = (grad_hidden, *grads)
                 graph.into_main_grad = into_main_grad
+                following = graph if CHAIN_BUFFERS and _same_layout(grad_hidden, graph.output) else None
 
 
 @contextlib.contextmanager
@@ -333,6 +347,18 @@ def _stand_in_parameters(layers: list[TransformerLayer]):
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
+
+
+def _into_static(static: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into a graph's static input, unless it is that buffer already (a chained
+    layer's input is the previous layer's output buffer; its output gradient, the next layer's
+    input-gradient buffer)."""
+    if not (value.data_ptr() == static.data_ptr() and _same_layout(value, static)):
+        static.copy_(value)
+
+
+def _same_layout(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def _main_grad_ptr(param: torch.nn.Parameter) -> int:
