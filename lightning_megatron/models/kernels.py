@@ -4,8 +4,9 @@ Measured on one H100 (docs/benchmarks.md), the local layer spec spends most of i
 in a handful of memory-bound places. Each has a Megatron-Core switch whose fused kernel normally
 comes from TE or apex; here they come from torch itself:
 
-- cross entropy: :func:`vocab_parallel_cross_entropy` reads the bf16 logits twice and writes their
-  gradient once (Megatron's versions make fp32 copies of the 151k-wide logits and keep one);
+- cross entropy: :func:`vocab_parallel_cross_entropy` reads the bf16 logits twice (once forward,
+  in a Triton kernel, once backward) and writes their gradient once (Megatron's versions make fp32
+  copies of the 151k-wide logits and keep one);
 - RoPE (``apply_rope_fusion``): :func:`rotary` is one compiled kernel per tensor and direction;
 - SwiGLU (``bias_activation_fusion``): Megatron's own compiled kernel, which keeps only its input;
 - weight gradients (``gradient_accumulation_fusion``): :func:`wgrad_gemm_accum_fp32` accumulates
@@ -60,19 +61,72 @@ def compiled_on_cuda(fn: Callable) -> Callable:
 
 
 # ----------------------------------------------------------------------------- cross entropy
-@compiled_on_cuda
-def _row_max(logits: Tensor) -> Tensor:
-    return logits.float().amax(dim=-1)
+try:  # Triton comes with CUDA builds of torch only
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU builds
+    triton = None
+
+# The single-pass Triton kernel for the rows' max and sum of exponentials (CUDA); False: the
+# compiled torch formulation (two passes over the logits). A switch for benchmarks/train_throughput.py.
+TRITON_ROW_STATS = True
 
 
-@compiled_on_cuda
-def _row_sum_exp(logits: Tensor, row_max: Tensor) -> Tensor:
-    return torch.exp(logits.float() - row_max.unsqueeze(-1)).sum(dim=-1)
+def row_max_sum_exp(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``logits [rows, vocab]``: its max ``m`` and ``sum(exp(logits - m))``, in fp32.
+
+    ``m + log(sum)`` is the row's logsumexp; under TP each rank's pair is combined with the
+    others' (see :class:`_VocabParallelCrossEntropy`). On CUDA one Triton kernel reads each row
+    once (online max); torch's compiled logsumexp reads it twice, which at the benchmark's
+    151,936-wide vocabulary is 2.5 GB per microbatch and pass (docs/benchmarks.md).
+    """
+    if triton is not None and logits.is_cuda and TRITON_ROW_STATS:
+        return _row_max_sum_exp_triton(logits)
+    return _row_max_sum_exp_compiled(logits)
 
 
-@compiled_on_cuda
-def _logsumexp(logits: Tensor) -> Tensor:
-    return torch.logsumexp(logits.float(), dim=-1)
+def _row_max_sum_exp_torch(logits: Tensor) -> tuple[Tensor, Tensor]:
+    row_max = logits.float().amax(dim=-1)
+    # A row of -inf only (no finite logit) sums to 0 rather than exp(nan).
+    finite_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
+    return row_max, torch.exp(logits.float() - finite_max.unsqueeze(-1)).sum(dim=-1)
+
+
+_row_max_sum_exp_compiled = compiled_on_cuda(_row_max_sum_exp_torch)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_max_sum_exp_kernel(x_ptr, max_ptr, sum_ptr, stride, vocab, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride
+        cols = tl.arange(0, BLOCK)
+        row_max = tl.full([1], float("-inf"), tl.float32)
+        total = tl.zeros([1], tl.float32)
+        for start in tl.range(0, vocab, BLOCK):
+            x = tl.load(x_row + start + cols, mask=start + cols < vocab, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(row_max, tl.max(x, axis=0, keep_dims=True))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all -inf so far: keep 0
+            total = total * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift), axis=0, keep_dims=True)
+            row_max = new_max
+        first = tl.arange(0, 1)
+        tl.store(max_ptr + row + first, row_max)
+        tl.store(sum_ptr + row + first, total)
+
+
+def _row_max_sum_exp_triton(logits: Tensor, block: int = 4096, warps: int = 8) -> tuple[Tensor, Tensor]:
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    row_max = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    total = torch.empty_like(row_max)
+    if rows:
+        _row_max_sum_exp_kernel[(rows,)](
+            logits, row_max, total, logits.stride(0), vocab, BLOCK=min(block, triton.next_power_of_2(vocab)),
+            num_warps=warps,
+        )  # fmt: skip
+    return row_max, total
 
 
 @compiled_on_cuda
@@ -97,15 +151,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         mine = (local >= 0) & (local < vocab)
         local = torch.where(mine, local, -1)
         predicted = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1).float() * mine
-        if tp_size == 1:
-            lse = _logsumexp(logits)
-        else:
-            row_max = _row_max(logits)
+        row_max, sum_exp = row_max_sum_exp(logits)
+        if tp_size > 1:
+            # Each rank's sum is relative to its own max: rescale to the global max, then add.
+            local_max = row_max.clone()
             torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
-            sum_exp = _row_sum_exp(logits, row_max)
+            sum_exp = sum_exp * torch.exp(local_max - row_max)
             torch.distributed.all_reduce(sum_exp, group=tp_group)
             torch.distributed.all_reduce(predicted, group=tp_group)
-            lse = row_max + torch.log(sum_exp)
+        lse = row_max + torch.log(sum_exp)
         ctx.save_for_backward(logits, lse, local)
         ctx.shape = shape
         return (lse - predicted).view(shape)
