@@ -16,7 +16,8 @@ Prints per case tokens/s, model TFLOP/s (``model_flops_per_token``: 6 x matmul p
 attention term), MFU against a bf16 matmul peak measured in the same run, and peak memory; then
 the ratios. ``--variant name='{"fused_kernels": false}'`` adds bare-loop runs with other kernel
 settings (the levers: the keys of ``run_bare``'s keyword arguments, e.g. ``expert_wgrad_fusion``,
-``compiled_norm``, ``expert_swiglu``, ``shared_gate``, ``fused_qkv``, ``cuda_graphs``, plus ``extra`` and ``sdpa``);
+``compiled_norm``, ``expert_swiglu``, ``shared_gate``, ``fused_qkv``, ``cuda_graphs``, ``triton_row_stats``,
+``chained_graphs``, plus ``extra`` and ``sdpa``);
 ``--profile`` writes a torch-profiler breakdown of one step per case (and every kernel of it in order,
 ``profile_<shape>_<case>.tsv``), a cProfile of another and the host's waits for the GPU in a third.
 Results go to ``--out`` as JSON lines (``results.jsonl``), profiles as text.
@@ -449,6 +450,8 @@ def run_bare(
     fused_qkv: bool | None = None,
     fused_adam: bool | None = None,
     cuda_graphs: bool | None = None,
+    triton_row_stats: bool | None = None,
+    chained_graphs: bool | None = None,
 ) -> tuple[list[float], Callable, Callable]:
     """The Megatron model of the lightning case, stepped by a plain loop (no Lightning)."""
     from megatron.core import parallel_state as ps
@@ -458,6 +461,8 @@ def run_bare(
     from megatron.core.transformer.module import Float16Module
 
     from lightning_megatron import GPTModule
+    from lightning_megatron.models import graphs
+    from lightning_megatron.models import kernels as kernel_module
     from lightning_megatron.models.gpt import _GPTModel
     from lightning_megatron.models.graphs import layer_graphs_supported
     from lightning_megatron.models.init import init_weights
@@ -483,6 +488,9 @@ def run_bare(
 
     def lever(value: bool | None) -> bool:
         return fused_kernels if value is None else value
+
+    kernel_module.TRITON_ROW_STATS = lever(triton_row_stats)
+    graphs.CHAIN_BUFFERS = lever(chained_graphs)
 
     model = _GPTModel(
         fused_loss=lever(fused_loss),
@@ -721,6 +729,8 @@ def run_job(args: argparse.Namespace) -> None:
                 fused_qkv=variant.get("fused_qkv"),
                 fused_adam=variant.get("fused_adam"),
                 cuda_graphs=variant.get("cuda_graphs"),
+                triton_row_stats=variant.get("triton_row_stats"),
+                chained_graphs=variant.get("chained_graphs"),
             )
             label = "bare" if name == "default" else f"bare:{name}"
             result = summarize(label, times, tokens_per_step, flops, peak, device) | extra | {"variant": variant}
