@@ -11,6 +11,7 @@ from lightning_megatron import GPTConfig, GPTModule, MegatronStrategy
 from lightning_megatron.models.kernels import (
     multi_tensor_l2norm,
     rotary,
+    row_max_sum_exp,
     vocab_parallel_cross_entropy,
     wgrad_gemm_accum_fp32,
 )
@@ -44,6 +45,21 @@ def test_cross_entropy_keeps_bf16_logits_and_matches_fp32_math():
     assert torch.allclose(loss.view(-1), reference, atol=1e-5)
     softmax = torch.softmax(logits.detach().float().view(-1, 300), -1) - F.one_hot(target.view(-1), 300)
     assert torch.allclose(logits.grad.float().view(-1, 300), softmax, atol=4e-3)
+
+
+def test_row_statistics_combine_across_vocabulary_shards_like_logsumexp():
+    """The (max, sum of exponentials) pairs of vocabulary slices, rescaled to the global max and
+    added, as vocab-parallel ranks combine them, give the whole row's logsumexp; a slice of -inf
+    only (no finite logit) contributes 0, not NaN."""
+    torch.manual_seed(2)
+    logits = 5 * torch.randn(7, 96)
+    logits[2, :32] = float("-inf")
+    pairs = [row_max_sum_exp(piece) for piece in logits.split(32, dim=-1)]
+    global_max = torch.stack([m for m, _ in pairs]).amax(0)
+    total = sum(s * torch.exp(m - global_max) for m, s in pairs)
+    torch.testing.assert_close(global_max + total.log(), torch.logsumexp(logits, -1))
+    row_max, sum_exp = row_max_sum_exp(logits[2:3, :32])
+    assert row_max.item() == float("-inf") and sum_exp.item() == 0.0
 
 
 def test_rotary_matches_megatron_unfused():
