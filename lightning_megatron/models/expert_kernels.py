@@ -18,11 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:  # Triton comes with CUDA builds of torch only
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU builds
-    triton = None
+from lightning_megatron.models.kernels import tl, triton
 
 
 def fused_wgrad_supported(weight: Tensor) -> bool:

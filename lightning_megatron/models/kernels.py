@@ -26,6 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+try:  # Triton comes with CUDA builds of torch only (expert_kernels imports it from here)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU builds
+    triton = tl = None
+
 
 def kernel_config_kwargs(
     device: torch.device, params_dtype: torch.dtype, fused: bool = True, expert_parallel: int = 1
@@ -61,12 +67,6 @@ def compiled_on_cuda(fn: Callable) -> Callable:
 
 
 # ----------------------------------------------------------------------------- cross entropy
-try:  # Triton comes with CUDA builds of torch only
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU builds
-    triton = None
-
 # The single-pass Triton kernel for the rows' max and sum of exponentials (CUDA); False: the
 # compiled torch formulation (two passes over the logits). A switch for benchmarks/train_throughput.py.
 TRITON_ROW_STATS = True
@@ -86,10 +86,11 @@ def row_max_sum_exp(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _row_max_sum_exp_torch(logits: Tensor) -> tuple[Tensor, Tensor]:
-    row_max = logits.float().amax(dim=-1)
+    logits = logits.float()  # one fp32 copy (eager, on CPU), not one per use
+    row_max = logits.amax(dim=-1)
     # A row of -inf only (no finite logit) sums to 0 rather than exp(nan).
     finite_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
-    return row_max, torch.exp(logits.float() - finite_max.unsqueeze(-1)).sum(dim=-1)
+    return row_max, torch.exp(logits - finite_max.unsqueeze(-1)).sum(dim=-1)
 
 
 _row_max_sum_exp_compiled = compiled_on_cuda(_row_max_sum_exp_torch)
